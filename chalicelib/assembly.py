@@ -1,0 +1,237 @@
+"""Output assembly: when every chunk has ended, stream the winning attempt of each chunk, in input
+order, into ``output.jsonl`` and ``errors.jsonl`` (OpenAI batch output format).
+
+Assembly re-reads each chunk's input range, so every input ``custom_id`` appears exactly once
+across the two files whatever an attempt wrote: a record for an id the chunk does not hold, or a
+second record for the same id, is dropped; an id with no record becomes an error record. Memory is
+bounded by one chunk's ids plus one multipart part per file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from chalicelib import aws, background, dynamo, jobs, storage
+from chalicelib.config import Settings, load_settings
+from chalicelib.errors import NotFound
+from chalicelib.states import JOB_ACCEPTS_WORK, JOB_TERMINAL, ChunkStatus, JobStatus
+
+logger = logging.getLogger(__name__)
+
+# An assembler holds the job this long; past it (a crashed Lambda) another one may take over.
+ASSEMBLY_LEASE_SECONDS = 900
+
+
+def error_record(custom_id: str, code: str, message: str) -> bytes:
+    record = {
+        "id": f"batch_req_{custom_id}",
+        "custom_id": custom_id,
+        "response": None,
+        "error": {"code": code, "message": message},
+    }
+    return json.dumps(record, ensure_ascii=False).encode()
+
+
+def _claim(settings: Settings, job: dict[str, Any]) -> bool:
+    """Moves the job to ``assembling`` (or takes over a stale assembly); True if this caller won.
+
+    Condition expressions have no arithmetic, so "every chunk has ended" is checked on the
+    counters just read and the write requires them unchanged.
+    """
+    job_id = job["job_id"]
+    progress = jobs.progress_of(job)
+    if not progress["all_done"] and job["status"] != JobStatus.ASSEMBLING.value:
+        return False
+    now = time.time()
+    values: dict[str, Any] = {
+        ":assembling": JobStatus.ASSEMBLING.value,
+        ":now": now,
+        ":until": now + ASSEMBLY_LEASE_SECONDS,
+    }
+    accepting = []
+    for i, status in enumerate(sorted(JOB_ACCEPTS_WORK)):
+        values[f":ok{i}"] = status.value
+        accepting.append(f":ok{i}")
+    condition = (
+        f"(#status IN ({', '.join(accepting)}) AND completed = :completed AND failed = :failed) "
+        "OR (#status = :assembling AND assembly_lease_until < :now)"
+    )
+    values[":completed"] = progress["completed"]
+    values[":failed"] = progress["failed"]
+    try:
+        aws.client("dynamodb").update_item(
+            TableName=settings.jobs_table,
+            Key={"job_id": {"S": job_id}},
+            UpdateExpression="SET #status = :assembling, assembly_lease_until = :until, "
+            "updated_at = :now",
+            ConditionExpression=condition,
+            ExpressionAttributeNames={"#status": "status"},
+            ExpressionAttributeValues=dynamo.serialize(values),
+        )
+    except ClientError as error:
+        if dynamo.is_condition_failure(error):
+            return False
+        raise
+    return True
+
+
+def _iter_chunks(settings: Settings, job_id: str):
+    client = aws.client("dynamodb")
+    query: dict[str, Any] = {
+        "TableName": settings.chunks_table,
+        "KeyConditionExpression": "job_id = :job",
+        "ExpressionAttributeValues": {":job": {"S": job_id}},
+        "ConsistentRead": True,
+    }
+    while True:
+        page = client.query(**query)
+        for item in page.get("Items", []):
+            yield dynamo.deserialize(item)
+        if not page.get("LastEvaluatedKey"):
+            return
+        query["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+
+def _input_custom_ids(job: dict[str, Any], chunk: dict[str, Any]) -> list[str]:
+    body = storage.open_object(
+        job["input_bucket"], job["input_key"], (int(chunk["byte_start"]), int(chunk["byte_end"]))
+    )
+    ids = []
+    for line in storage.iter_lines(body):
+        if line.strip():
+            ids.append(json.loads(line)["custom_id"])
+    return ids
+
+
+class _Counts:
+    def __init__(self) -> None:
+        self.succeeded = 0
+        self.failed = 0
+        self.dropped = 0
+
+
+def _copy_completed_chunk(
+    settings: Settings,
+    job: dict[str, Any],
+    chunk: dict[str, Any],
+    output: storage.MultipartWriter,
+    errors: storage.MultipartWriter,
+    counts: _Counts,
+) -> None:
+    expected = _input_custom_ids(job, chunk)
+    remaining = set(expected)
+    body = storage.open_object(settings.bucket, chunk["output_key"])
+    for line in storage.iter_lines(body):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            custom_id = record["custom_id"]
+        except (ValueError, KeyError, TypeError):
+            counts.dropped += 1
+            continue
+        if custom_id not in remaining:
+            counts.dropped += 1
+            continue
+        remaining.discard(custom_id)
+        if record.get("error"):
+            errors.write_line(line)
+            counts.failed += 1
+        else:
+            output.write_line(line)
+            counts.succeeded += 1
+    for custom_id in expected:
+        if custom_id in remaining:
+            errors.write_line(
+                error_record(
+                    custom_id,
+                    "missing_output",
+                    f"the replica's output for chunk {chunk['chunk_id']} had no record for this request",
+                )
+            )
+            counts.failed += 1
+    if counts.dropped:
+        logger.warning(
+            "dropped records that do not belong to the chunk",
+            extra={
+                "job_id": job["job_id"],
+                "chunk_id": chunk["chunk_id"],
+                "dropped": counts.dropped,
+            },
+        )
+
+
+def _write_failed_chunk(
+    job: dict[str, Any], chunk: dict[str, Any], errors: storage.MultipartWriter, counts: _Counts
+) -> None:
+    reason = chunk.get("last_error") or "no attempt finished"
+    message = (
+        f"chunk {chunk['chunk_id']} failed after {chunk.get('failures', 0)} attempts: {reason}"
+    )
+    for custom_id in _input_custom_ids(job, chunk):
+        errors.write_line(error_record(custom_id, "chunk_failed", message))
+        counts.failed += 1
+
+
+def assemble(settings: Settings, job_id: str) -> dict[str, Any] | None:
+    """Assembles a finished job's output; returns the final job fields, None if not ready."""
+    try:
+        job = jobs.get_job(settings, job_id)
+    except NotFound:
+        return None
+    if job["status"] in {s.value for s in JOB_TERMINAL}:
+        return None
+    if not _claim(settings, job):
+        return None
+    prefix = jobs.output_prefix(settings, job_id)
+    output = storage.MultipartWriter(settings.bucket, prefix + "output.jsonl")
+    errors = storage.MultipartWriter(settings.bucket, prefix + "errors.jsonl")
+    counts = _Counts()
+    failed_chunks = 0
+    try:
+        for chunk in _iter_chunks(settings, job_id):
+            if chunk["status"] == ChunkStatus.COMPLETED.value:
+                _copy_completed_chunk(settings, job, chunk, output, errors, counts)
+            elif chunk["status"] == ChunkStatus.FAILED.value:
+                failed_chunks += 1
+                _write_failed_chunk(job, chunk, errors, counts)
+            else:
+                raise RuntimeError(
+                    f"chunk {chunk['chunk_id']} is {chunk['status']} during assembly"
+                )
+        output.close()
+        errors.close()
+    except Exception:
+        output.abort()
+        errors.abort()
+        raise
+    final = JobStatus.COMPLETED_WITH_ERRORS if counts.failed else JobStatus.SUCCEEDED
+    fields = {
+        "output_file": f"s3://{settings.bucket}/{prefix}output.jsonl",
+        "error_file": f"s3://{settings.bucket}/{prefix}errors.jsonl",
+        "requests_succeeded": counts.succeeded,
+        "requests_failed": counts.failed,
+        "chunks_failed": failed_chunks,
+        "finished_at": time.time(),
+    }
+    jobs.transition_job(settings, job_id, final, extra_set=fields)
+    logger.info(
+        "job output assembled",
+        extra={
+            "job_id": job_id,
+            "status": final.value,
+            "succeeded": counts.succeeded,
+            "failed": counts.failed,
+        },
+    )
+    return {"status": final.value, **fields}
+
+
+@background.task("assemble")
+def assemble_task(payload: dict[str, Any]) -> None:
+    assemble(load_settings(), payload["job_id"])

@@ -1,0 +1,48 @@
+"""Settings read from the environment (stage variables in ``.chalice/config.json``)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+def _int_env(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    return int(raw) if raw else default
+
+
+@dataclass(frozen=True)
+class Settings:
+    jobs_table: str
+    chunks_table: str
+    replicas_table: str
+    bucket: str
+    region: str
+    # Seconds a chunk lease lasts without a renewal. Replicas renew every third of it.
+    lease_seconds: int
+    # Failed attempts (lease expiry or a reported error) a chunk may spend before it is `failed`.
+    max_chunk_failures: int
+    # Files larger than this are validated after the submit call returns: API Gateway cuts a
+    # request off at 29 s, and the validator reads about 25 MB/s on a 2-core machine.
+    sync_validation_max_bytes: int
+    # "thread" runs follow-up work (assembly, async validation) on a background thread of the
+    # same process, "inline" runs it before the request returns (tests), "lambda" invokes the
+    # function named in `async_function_name` with InvocationType=Event (deployed stage).
+    async_mode: str
+    async_function_name: str
+
+
+def load_settings() -> Settings:
+    """Reads the settings on every call, so tests and the local stack can change them."""
+    return Settings(
+        jobs_table=os.environ.get("JOBS_TABLE", "tandemn-jobs"),
+        chunks_table=os.environ.get("CHUNKS_TABLE", "tandemn-chunks"),
+        replicas_table=os.environ.get("REPLICAS_TABLE", "tandemn-replicas"),
+        bucket=os.environ.get("TANDEMN_BUCKET", "tandemn-local"),
+        region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+        lease_seconds=_int_env("TANDEMN_LEASE_SECONDS", 300),
+        max_chunk_failures=_int_env("TANDEMN_MAX_CHUNK_FAILURES", 3),
+        sync_validation_max_bytes=_int_env("TANDEMN_SYNC_VALIDATION_MAX_BYTES", 256 * 1024 * 1024),
+        async_mode=os.environ.get("TANDEMN_ASYNC_MODE", "thread"),
+        async_function_name=os.environ.get("TANDEMN_ASYNC_FUNCTION", "run_background_task"),
+    )

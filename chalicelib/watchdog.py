@@ -1,0 +1,56 @@
+"""The watchdog: runs every minute (EventBridge schedule; a timer in the local stack).
+
+It reads only items that can need work: active jobs from the sparse ``active_jobs`` index and, per
+job, expired leases from the sparse ``leases_by_expiry`` index. It reclaims expired leases and
+starts assembly of jobs whose chunks have all ended (an assembly whose trigger was lost, or whose
+assembler crashed, is picked up here).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from chalicelib import assembly, background, chunks, jobs
+from chalicelib.config import Settings
+from chalicelib.errors import NotFound
+from chalicelib.states import JOB_ACCEPTS_WORK, JobStatus
+
+logger = logging.getLogger(__name__)
+
+
+def run_once(settings: Settings) -> dict[str, Any]:
+    reclaimed = 0
+    assembling: list[str] = []
+    for job_id in jobs.list_active_job_ids(settings):
+        try:
+            job = jobs.get_job(settings, job_id)
+        except NotFound:
+            continue
+        status = JobStatus(job["status"])
+        if status in JOB_ACCEPTS_WORK and int(job.get("inflight", 0)) > 0:
+            count = chunks.reclaim_expired(settings, job_id)
+            if count:
+                reclaimed += count
+                job = jobs.get_job(settings, job_id)
+        progress = jobs.progress_of(job)
+        if progress["all_done"] and status in JOB_ACCEPTS_WORK | {JobStatus.ASSEMBLING}:
+            if (
+                status == JobStatus.ASSEMBLING
+                and float(job.get("assembly_lease_until", 0)) > _now()
+            ):
+                continue
+            background.submit("assemble", {"job_id": job_id})
+            assembling.append(job_id)
+    summary = {"reclaimed": reclaimed, "assembling": assembling}
+    logger.info("watchdog pass finished", extra=summary)
+    return summary
+
+
+def _now() -> float:
+    import time
+
+    return time.time()
+
+
+__all__ = ["assembly", "run_once"]

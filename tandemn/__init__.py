@@ -1,0 +1,1 @@
+"""The ``tandemn`` command-line tool and the local stack."""

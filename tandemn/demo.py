@@ -1,0 +1,91 @@
+"""``make demo``: the main job end to end on this machine with the real engine.
+
+Starts the local stack with 2 replicas of llama.cpp serving SmolLM2-135M-Instruct, submits the
+30 example prompts with output capped at 128 tokens, shows progress, writes
+``out/demo/output.jsonl``, prints a summary and stops the stack, also when something fails.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from tandemn import engine_paths
+from tandemn.api_client import ApiClient, ApiError
+from tandemn.cli import _follow
+from tandemn.stack import PROJECT_DIR, LocalStack, StackOptions
+
+DEMO_INPUT = PROJECT_DIR / "examples" / "demo_batch.jsonl"
+DEMO_OUTPUT = PROJECT_DIR / "out" / "demo" / "output.jsonl"
+MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+console = Console()
+
+
+def _summary(job: dict, output: Path, wall_seconds: float) -> list[str]:
+    records = [json.loads(line) for line in output.read_text().splitlines() if line.strip()]
+    completion_tokens = sum(
+        (r.get("response") or {}).get("body", {}).get("usage", {}).get("completion_tokens", 0)
+        for r in records
+    )
+    return [
+        f"requests succeeded: {job.get('requests_succeeded')}",
+        f"requests failed:    {job.get('requests_failed')}",
+        f"output tokens:      {completion_tokens}",
+        f"tokens per second:  {completion_tokens / wall_seconds:.1f} (output tokens / wall time)",
+        f"wall time:          {wall_seconds:.1f} s",
+        f"output:             {output}",
+    ]
+
+
+def run(port: int = 26336, replicas: int = 2) -> int:
+    binary, model = engine_paths.find_engine()
+    options = StackOptions(
+        api_port=port, engine_binary=binary, model_path=model, watchdog_seconds=5.0
+    )
+    started = time.monotonic()
+    with LocalStack(options) as stack:
+        client = ApiClient(stack.api_url)
+        console.print(f"local stack up at {stack.api_url}; submitting {DEMO_INPUT.name}")
+        uri = client.upload(DEMO_INPUT)
+        submitted = client.post(
+            "/submit/batch",
+            {
+                "model_name": MODEL_NAME,
+                "input_file": uri,
+                "replicas": replicas,
+                "chunk_size": 5,
+                "max_output_tokens": 128,
+            },
+        )
+        console.print(
+            f"job {submitted['job_id']}: {submitted['chunks']} chunks on replicas {', '.join(submitted['replicas'])}"
+        )
+        job = _follow(client, submitted["job_id"])
+        if job["status"] not in ("succeeded", "completed_with_errors"):
+            console.print(f"[red]job ended {job['status']}[/red]")
+            return 1
+        links = client.get(f"/job/{job['job_id']}/output")
+        client.download(links["output_url"], DEMO_OUTPUT)
+        client.download(links["error_url"], DEMO_OUTPUT.with_name("errors.jsonl"))
+        wall = time.monotonic() - started
+        for line in _summary(job, DEMO_OUTPUT, wall):
+            console.print(line)
+        return 0 if job["status"] == "succeeded" else 1
+
+
+def main() -> None:
+    try:
+        code = run()
+    except (ApiError, FileNotFoundError, RuntimeError, TimeoutError) as error:
+        console.print(f"[red]demo failed:[/red] {error}")
+        code = 1
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""A moto server for the local stack, with its DynamoDB requests serialised.
+
+moto evaluates a condition expression and then writes without a lock, so two threads can both
+pass the same condition (measured with moto 5.2.5). The chunk queue's correctness rests on
+conditional writes being atomic, as they are on DynamoDB, so every DynamoDB request here runs
+under one lock. Other services (S3 reads and writes of chunk data) run concurrently.
+
+Run: ``python -m tandemn.motoserver --port 26337`` (listens on 127.0.0.1 only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from moto.moto_server.werkzeug_app import (
+    DomainDispatcherApplication,
+    MotoRequestHandler,
+    create_backend_app,
+)
+from werkzeug.serving import BaseWSGIServer, make_server
+
+logger = logging.getLogger(__name__)
+
+
+class SerialisedDynamoDB:
+    """WSGI middleware that runs DynamoDB requests one at a time."""
+
+    def __init__(self, app: Callable[..., Iterable[bytes]]) -> None:
+        self.app = app
+        self.lock = threading.Lock()
+
+    def __call__(
+        self, environ: dict[str, Any], start_response: Callable[..., Any]
+    ) -> Iterable[bytes]:
+        target = environ.get("HTTP_X_AMZ_TARGET", "")
+        if not target.startswith("DynamoDB_"):
+            return self.app(environ, start_response)
+        with self.lock:
+            # Consume the response inside the lock: moto builds it eagerly, but a lazy iterable
+            # would otherwise run after the lock is released.
+            return list(self.app(environ, start_response))
+
+
+def build_server(port: int) -> BaseWSGIServer:
+    app = SerialisedDynamoDB(DomainDispatcherApplication(create_backend_app))
+    return make_server("127.0.0.1", port, app, threaded=True, request_handler=MotoRequestHandler)
+
+
+class ThreadedServer:
+    """The same server on a background thread, for tests that need it inside their process."""
+
+    def __init__(self, port: int = 0) -> None:
+        os.environ.setdefault("MOTO_PORT", str(port))
+        self.server = build_server(port)
+        self.port = self.server.server_address[1]
+        os.environ["MOTO_PORT"] = str(self.port)
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def start(self) -> ThreadedServer:
+        self._thread.start()
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=26337, help="TCP port on 127.0.0.1")
+    args = parser.parse_args()
+    # moto's Step Functions interpreter calls other services at localhost:$MOTO_PORT.
+    os.environ["MOTO_PORT"] = str(args.port)
+    server = build_server(args.port)
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+    logging.basicConfig(level=logging.WARNING)
+    print(f"moto server listening on http://127.0.0.1:{args.port}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+if __name__ == "__main__":
+    main()

@@ -23,7 +23,8 @@ class Settings:
     # Failed attempts (lease expiry or a reported error) a chunk may spend before it is `failed`.
     max_chunk_failures: int
     # Files larger than this are validated after the submit call returns: API Gateway cuts a
-    # request off at 29 s, and the validator reads about 25 MB/s on a 2-core machine.
+    # request off at 29 s, and submission reads about 39 MB/s on a 2-core x86 machine
+    # (bench/ingest.py), so 256 MiB takes about 7 s there; a Lambda CPU can be slower.
     sync_validation_max_bytes: int
     # "thread" runs follow-up work (assembly, async validation) on a background thread of the
     # same process, "inline" runs it before the request returns (tests), "lambda" invokes the

@@ -97,7 +97,7 @@ def submit(settings: Settings, request: SubmitBatchRequest) -> dict[str, Any]:
     if not result.ok:
         raise _invalid_input(result, request.input_file)
     _create_chunks_and_job(settings, job_id, fields, result)
-    launched = _launch_initial_replicas(settings, job_id, request)
+    launched = _launch_initial_replicas(settings, job_id, request.model_dump())
     return {
         "status": JobStatus.QUEUED.value,
         "job_id": job_id,
@@ -146,9 +146,7 @@ def _create_chunks_and_job(
     logger.info("job created", extra={"job_id": job_id, "chunks": len(result.chunks)})
 
 
-def _launch_initial_replicas(
-    settings: Settings, job_id: str, request: SubmitBatchRequest
-) -> list[str]:
+def _launch_initial_replicas(settings: Settings, job_id: str, requested: dict[str, Any]) -> list[str]:
     """Starts the job's first replicas through the stage's provider.
 
     With the ``external`` provider nothing starts: the user adds replicas with
@@ -157,8 +155,8 @@ def _launch_initial_replicas(
     provider = providers.default_name()
     if provider == "external":
         return []
-    count = request.replicas or 1
-    config = {"gpu_type": request.gpu_type, "tp_size": request.tp_size, "pp_size": request.pp_size}
+    count = requested.get("replicas") or 1
+    config = {key: requested.get(key) for key in ("gpu_type", "tp_size", "pp_size")}
     registered = replicas.register_replicas(
         settings, job_id, count, provider=provider, config=config
     )
@@ -187,6 +185,7 @@ def validate_in_background(settings: Settings, job_id: str) -> None:
         return
     chunks.write_chunks(settings, job_id, result.chunks)
     jobs.transition_job(settings, job_id, JobStatus.QUEUED, extra_set=_counter_fields(result))
+    _launch_initial_replicas(settings, job_id, requested)
 
 
 @background.task("validate")

@@ -8,8 +8,9 @@ from aws_lambda_powertools import Logger
 from aws_lambda_powertools.logging.utils import copy_config_to_registered_loggers
 from chalice import Chalice, IAMAuthorizer, Rate
 
+# assembly and submission register the background tasks "assemble" and "validate" on import.
 from chalicelib import (
-    assembly,
+    assembly,  # noqa: F401
     background,
     chunks,
     jobs,
@@ -20,7 +21,6 @@ from chalicelib import (
     watchdog,
 )
 from chalicelib.config import load_settings
-from chalicelib.errors import NotFound
 from chalicelib.http import handle_errors, json_response, parse_body, path_id, query_int
 from chalicelib.models import (
     ChunkCompleteRequest,
@@ -308,6 +308,3 @@ def run_background_task(event, context):
     logger.info("background task started", task=name, **payload)
     background.run(name, payload)
     return {"ok": True}
-
-
-__all__ = ["NotFound", "app", "assembly"]

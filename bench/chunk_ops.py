@@ -88,20 +88,28 @@ def measure(num_chunks: int) -> dict[str, float]:
             ).json_body
             job_id = submitted["job_id"]
             scaled = _post(client, f"/job/{job_id}/scale", {"count": 1}).json_body
-            (replica_id, token), = scaled["replica_tokens"].items()
+            ((replica_id, token),) = scaled["replica_tokens"].items()
             # Warm the token cache, as a running replica's Lambda container is.
-            warm = _post(client, f"/job/{job_id}/chunks/pull", {"replica_id": replica_id}, token).json_body
+            warm = _post(
+                client, f"/job/{job_id}/chunks/pull", {"replica_id": replica_id}, token
+            ).json_body
             counter.take()
 
             per_operation: dict[str, list[int]] = {"pull": [], "renew": [], "complete": []}
             leases = [warm]
             for _ in range(SAMPLES):
-                response = _post(client, f"/job/{job_id}/chunks/pull", {"replica_id": replica_id}, token)
+                response = _post(
+                    client, f"/job/{job_id}/chunks/pull", {"replica_id": replica_id}, token
+                )
                 assert response.status_code == 200, response.body
                 per_operation["pull"].append(sum(counter.take().values()))
                 leases.append(response.json_body)
             for lease in leases[:SAMPLES]:
-                body = {"replica_id": replica_id, "chunk_id": lease["chunk_id"], "lease_token": lease["lease_token"]}
+                body = {
+                    "replica_id": replica_id,
+                    "chunk_id": lease["chunk_id"],
+                    "lease_token": lease["lease_token"],
+                }
                 response = _post(client, f"/job/{job_id}/chunks/renew", body, token)
                 assert response.status_code == 200, response.body
                 per_operation["renew"].append(sum(counter.take().values()))
@@ -126,7 +134,9 @@ def measure(num_chunks: int) -> dict[str, float]:
 
 def main() -> int:
     print(machine_line())
-    print(f"{'chunks':>8} {'pull':>6} {'renew':>6} {'complete':>9} {'max pull/renew/complete':>24} {'Scan':>5}")
+    print(
+        f"{'chunks':>8} {'pull':>6} {'renew':>6} {'complete':>9} {'max pull/renew/complete':>24} {'Scan':>5}"
+    )
     rows = {}
     for num_chunks in (10, 10_000):
         row = measure(num_chunks)

@@ -53,12 +53,23 @@ def child(uri: str, chunk_size: int) -> None:
     result = submission.submit(load_settings(), request)
     elapsed = time.perf_counter() - started
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"seconds": elapsed, "chunks": result["chunks"], "requests": result["input_stats"]["num_lines"], "peak_kib": peak_kib}))
+    print(
+        json.dumps(
+            {
+                "seconds": elapsed,
+                "chunks": result["chunks"],
+                "requests": result["input_stats"]["num_lines"],
+                "peak_kib": peak_kib,
+            }
+        )
+    )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=1_000_000, help="requests in the generated file")
+    parser.add_argument(
+        "--requests", type=int, default=1_000_000, help="requests in the generated file"
+    )
     parser.add_argument("--chunk-size", type=int, default=1000, help="requests per chunk")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -83,7 +94,9 @@ def main() -> int:
             path = Path(folder) / "batch.jsonl"
             started = time.perf_counter()
             size = write_batch_file(path, args.requests)
-            print(f"generated {args.requests} requests, {size / 1e6:.0f} MB in {time.perf_counter() - started:.1f} s")
+            print(
+                f"generated {args.requests} requests, {size / 1e6:.0f} MB in {time.perf_counter() - started:.1f} s"
+            )
             os.environ.update(environment)
             from chalicelib import aws
             from chalicelib.config import load_settings
@@ -100,7 +113,14 @@ def main() -> int:
             aws.client("s3").upload_file(str(path), settings.bucket, "inputs/bench.jsonl")
             uri = f"s3://{settings.bucket}/inputs/bench.jsonl"
             output = subprocess.run(
-                [sys.executable, str(Path(__file__).resolve()), "--child", uri, "--chunk-size", str(args.chunk_size)],
+                [
+                    sys.executable,
+                    str(Path(__file__).resolve()),
+                    "--child",
+                    uri,
+                    "--chunk-size",
+                    str(args.chunk_size),
+                ],
                 cwd=PROJECT_DIR,
                 env=environment,
                 capture_output=True,
@@ -113,7 +133,9 @@ def main() -> int:
         moto.wait(timeout=10)
     rate = figures["requests"] / figures["seconds"]
     peak_mb = figures["peak_kib"] / 1024
-    print(f"submitted {figures['requests']} requests in {figures['chunks']} chunks in {figures['seconds']:.1f} s")
+    print(
+        f"submitted {figures['requests']} requests in {figures['chunks']} chunks in {figures['seconds']:.1f} s"
+    )
     print(f"ingest rate: {rate:,.0f} requests/s ({size / figures['seconds'] / 1e6:.1f} MB/s)")
     print(f"peak RSS of the submitting process: {peak_mb:.0f} MB (target under 300 MB)")
     return 0 if peak_mb < 300 else 1

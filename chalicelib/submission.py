@@ -146,7 +146,9 @@ def _create_chunks_and_job(
     logger.info("job created", extra={"job_id": job_id, "chunks": len(result.chunks)})
 
 
-def _launch_initial_replicas(settings: Settings, job_id: str, requested: dict[str, Any]) -> list[str]:
+def _launch_initial_replicas(
+    settings: Settings, job_id: str, requested: dict[str, Any]
+) -> list[str]:
     """Starts the job's first replicas through the stage's provider.
 
     With the ``external`` provider nothing starts: the user adds replicas with

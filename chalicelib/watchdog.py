@@ -9,9 +9,10 @@ assembler crashed, is picked up here).
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
-from chalicelib import assembly, background, chunks, jobs
+from chalicelib import background, chunks, jobs
 from chalicelib.config import Settings
 from chalicelib.errors import NotFound
 from chalicelib.states import JOB_ACCEPTS_WORK, JobStatus
@@ -43,14 +44,12 @@ def run_once(settings: Settings) -> dict[str, Any]:
             background.submit("assemble", {"job_id": job_id})
             assembling.append(job_id)
     summary = {"reclaimed": reclaimed, "assembling": assembling}
-    logger.info("watchdog pass finished", extra=summary)
+    # A pass that changed nothing is logged at DEBUG: the local stack runs one every few seconds.
+    log = logger.info if reclaimed or assembling else logger.debug
+    log("watchdog pass finished", extra=summary)
     return summary
 
 
 def _now() -> float:
-    import time
 
     return time.time()
-
-
-__all__ = ["assembly", "run_once"]

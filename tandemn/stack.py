@@ -91,6 +91,7 @@ class LocalStack:
         if self.options.lease_seconds:
             environment["TANDEMN_LEASE_SECONDS"] = str(self.options.lease_seconds)
         os.environ.update(environment)
+        self._environment = environment
         try:
             self._start_moto()
             self._create_resources()
@@ -142,9 +143,11 @@ class LocalStack:
 
         factory = CLIFactory(str(PROJECT_DIR), environ=os.environ)
         config = factory.create_config_obj(chalice_stage_name="local")
-        self._server = factory.create_local_server(
-            config.chalice_app, config, "127.0.0.1", self.options.api_port
-        )
+        app = config.chalice_app
+        # Loading the app copies the stage's variables into os.environ, the fixed moto port of
+        # the `local` stage included; this stack's own ports win.
+        os.environ.update(self._environment)
+        self._server = factory.create_local_server(app, config, "127.0.0.1", self.options.api_port)
         self._server_thread = threading.Thread(
             target=self._server.server.serve_forever, name="chalice-local", daemon=True
         )

@@ -20,7 +20,9 @@ def job_count(settings) -> int:
 
 def submit_bytes(client, settings, data: bytes, **options):
     uri = support.upload(settings.bucket, "inputs/bad.jsonl", data)
-    return support.post(client, "/submit/batch", {"model_name": "org/Tiny-1B", "input_file": uri, **options})
+    return support.post(
+        client, "/submit/batch", {"model_name": "org/Tiny-1B", "input_file": uri, **options}
+    )
 
 
 GOOD = [support.request_line(f"req-{i}") for i in range(3)]
@@ -36,19 +38,26 @@ BAD_FILES = {
         4,
         "req-1",
     ),
-    "non-JSON line": (support.jsonl(GOOD[:1]) + b"{not json\n" + support.jsonl(GOOD[1:]), 2, "JSON"),
+    "non-JSON line": (
+        support.jsonl(GOOD[:1]) + b"{not json\n" + support.jsonl(GOOD[1:]),
+        2,
+        "JSON",
+    ),
     "wrong url": (
         support.jsonl(GOOD[:2]) + line({**support.request_line("req-9"), "url": "/v1/embeddings"}),
         3,
         "/v1/embeddings",
     ),
     "missing custom_id": (
-        support.jsonl(GOOD) + line({k: v for k, v in support.request_line("x").items() if k != "custom_id"}),
+        support.jsonl(GOOD)
+        + line({k: v for k, v in support.request_line("x").items() if k != "custom_id"}),
         4,
         "custom_id",
     ),
     "2 MB line": (
-        support.jsonl(GOOD[:1]) + line(support.request_line("big", content="a" * 2_000_000)) + support.jsonl(GOOD[1:]),
+        support.jsonl(GOOD[:1])
+        + line(support.request_line("big", content="a" * 2_000_000))
+        + support.jsonl(GOOD[1:]),
         2,
         "1000000",
     ),
@@ -86,7 +95,9 @@ def test_blank_only_file_is_rejected(client, aws_account):
 
 def test_missing_input_object_names_uri(client, aws_account):
     response = support.post(
-        client, "/submit/batch", {"model_name": "m", "input_file": f"s3://{aws_account.bucket}/nope.jsonl"}
+        client,
+        "/submit/batch",
+        {"model_name": "m", "input_file": f"s3://{aws_account.bucket}/nope.jsonl"},
     )
     assert response.status_code == 400
     assert "nope.jsonl" in response.json_body["message"]
@@ -113,13 +124,17 @@ def test_invalid_option_names_field_and_value(client, aws_account, field, value,
 
 
 def test_missing_model_name_is_reported(client, aws_account):
-    response = support.post(client, "/submit/batch", {"input_file": f"s3://{aws_account.bucket}/a.jsonl"})
+    response = support.post(
+        client, "/submit/batch", {"input_file": f"s3://{aws_account.bucket}/a.jsonl"}
+    )
     assert response.status_code == 400
     assert "model_name" in response.json_body["message"]
 
 
 def test_non_json_body_is_400(client, aws_account):
-    response = client.http.post("/submit/batch", headers={"Content-Type": "application/json"}, body=b"{oops")
+    response = client.http.post(
+        "/submit/batch", headers={"Content-Type": "application/json"}, body=b"{oops"
+    )
     assert response.status_code == 400
     assert "not valid JSON" in response.json_body["message"]
 
@@ -132,7 +147,14 @@ def test_submit_records_stats_and_chunks(client, aws_account):
     assert submitted["input_stats"]["avg_input_tokens"] >= 1
     job = support.get(client, f"/job/{submitted['job_id']}").json_body
     assert job["status"] == "queued"
-    assert job["chunks"] == {"total": 3, "pending": 3, "inflight": 0, "completed": 0, "failed": 0, "all_done": False}
+    assert job["chunks"] == {
+        "total": 3,
+        "pending": 3,
+        "inflight": 0,
+        "completed": 0,
+        "failed": 0,
+        "all_done": False,
+    }
     assert job["model_name"] == "org/Tiny-1B"
     assert job["output_location"].startswith(f"s3://{aws_account.bucket}/jobs/")
 
@@ -158,7 +180,10 @@ def test_large_valid_input_is_queued_after_background_validation(client, aws_acc
 
 
 def test_jobs_listing_is_newest_first_and_paged(client, aws_account):
-    ids = [support.submit_job(client, aws_account, num_requests=1, chunk_size=1)["job_id"] for _ in range(3)]
+    ids = [
+        support.submit_job(client, aws_account, num_requests=1, chunk_size=1)["job_id"]
+        for _ in range(3)
+    ]
     first = support.get(client, "/jobs?limit=2").json_body
     assert [j["job_id"] for j in first["jobs"]] == ids[::-1][:2]
     second = support.get(client, f"/jobs?limit=2&next_token={first['next_token']}").json_body

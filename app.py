@@ -122,7 +122,9 @@ def report_phase(job_id):
     }.get(request.phase)
     if job_target is not None:
         jobs.transition_job(settings, job_id, job_target, strict=False)
-    if target in (ReplicaPhase.DRAINING, ReplicaPhase.COMPLETED, ReplicaPhase.FAILED):
+    # A draining replica keeps its leases to finish them and releases the rest itself; a replica
+    # that completed or failed holds nothing it will finish, so its leases return at once.
+    if target in (ReplicaPhase.COMPLETED, ReplicaPhase.FAILED):
         chunks.reclaim_owned_by(settings, job_id, request.replica_id)
     job = jobs.get_job(settings, job_id)
     return json_response(
@@ -230,7 +232,8 @@ def complete_chunk(job_id):
 def chunk_progress(job_id):
     job_id = path_id(job_id, "job_id")
     _replica(job_id)
-    return json_response(jobs.progress_of(jobs.get_job(load_settings(), job_id)))
+    job = jobs.get_job(load_settings(), job_id)
+    return json_response({**jobs.progress_of(job), "job_status": job["status"]})
 
 
 @app.route("/job/{job_id}/scale", methods=["POST"], content_types=JSON, authorizer=iam)

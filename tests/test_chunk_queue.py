@@ -375,4 +375,5 @@ def test_progress_route_is_exact(client, aws_account, job):
         "completed": 0,
         "failed": 0,
         "all_done": False,
+        "job_status": "queued",
     }

@@ -8,6 +8,7 @@ Starts the local stack with 2 replicas of llama.cpp serving SmolLM2-135M-Instruc
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -43,7 +44,12 @@ def _summary(job: dict, output: Path, wall_seconds: float) -> list[str]:
 
 
 def run(port: int = 26336, replicas: int = 2) -> int:
-    binary, model = engine_paths.find_engine()
+    # TANDEMN_DEMO_ENGINE=fake runs the simulated engine (used by the tests of the demo itself).
+    if os.environ.get("TANDEMN_DEMO_ENGINE") == "fake":
+        binary, model = None, None
+    else:
+        binary, model = engine_paths.find_engine()
+    port = int(os.environ.get("TANDEMN_DEMO_PORT", port))
     options = StackOptions(
         api_port=port, engine_binary=binary, model_path=model, watchdog_seconds=5.0
     )
@@ -69,11 +75,12 @@ def run(port: int = 26336, replicas: int = 2) -> int:
         if job["status"] not in ("succeeded", "completed_with_errors"):
             console.print(f"[red]job ended {job['status']}[/red]")
             return 1
+        output = Path(os.environ.get("TANDEMN_DEMO_OUTPUT", DEMO_OUTPUT))
         links = client.get(f"/job/{job['job_id']}/output")
-        client.download(links["output_url"], DEMO_OUTPUT)
-        client.download(links["error_url"], DEMO_OUTPUT.with_name("errors.jsonl"))
+        client.download(links["output_url"], output)
+        client.download(links["error_url"], output.with_name("errors.jsonl"))
         wall = time.monotonic() - started
-        for line in _summary(job, DEMO_OUTPUT, wall):
+        for line in _summary(job, output, wall):
             console.print(line)
         return 0 if job["status"] == "succeeded" else 1
 
@@ -84,6 +91,9 @@ def main() -> None:
     except (ApiError, FileNotFoundError, RuntimeError, TimeoutError) as error:
         console.print(f"[red]demo failed:[/red] {error}")
         code = 1
+    except KeyboardInterrupt:
+        console.print("demo interrupted; the local stack was stopped")
+        code = 130
     sys.exit(code)
 
 

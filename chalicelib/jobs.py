@@ -280,3 +280,14 @@ def list_active_job_ids(settings: Settings) -> list[str]:
 
 def is_past(status: str, target: JobStatus) -> bool:
     return JOB_STATUS_RANK[JobStatus(status)] >= JOB_STATUS_RANK[target]
+
+
+def touch(settings: Settings, job_id: str) -> None:
+    """Sets ``updated_at`` to now, so a job retried by the watchdog is not retried again at once."""
+    aws.client("dynamodb").update_item(
+        TableName=settings.jobs_table,
+        Key={"job_id": {"S": job_id}},
+        UpdateExpression="SET updated_at = :now",
+        ConditionExpression="attribute_exists(job_id)",
+        ExpressionAttributeValues={":now": {"N": repr(time.time())}},
+    )

@@ -195,3 +195,19 @@ def test_unknown_job_is_404_and_bad_id_is_400(client, aws_account):
     response = support.get(client, "/job/..%2F..%2Fetc")
     assert response.status_code == 400
     assert "job_id" in response.json_body["message"]
+
+
+def test_watchdog_restarts_stale_validation(client, aws_account, monkeypatch):
+    from chalicelib import jobs, submission, watchdog
+
+    monkeypatch.setenv("TANDEMN_SYNC_VALIDATION_MAX_BYTES", "10")
+    # The first validator dies before doing anything.
+    monkeypatch.setattr(submission, "validate_in_background", lambda settings, job_id: None)
+    response = submit_bytes(client, aws_account, support.jsonl(GOOD), chunk_size=2)
+    job_id = response.json_body["job_id"]
+    assert jobs.get_job(aws_account, job_id)["status"] == "validating"
+
+    monkeypatch.undo()
+    monkeypatch.setattr(watchdog, "_now", lambda: 10**10)
+    watchdog.run_once(aws_account)
+    assert jobs.get_job(aws_account, job_id)["status"] == "queued"

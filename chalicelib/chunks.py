@@ -15,6 +15,7 @@ first completion wins and records which attempt's output object counts.
 from __future__ import annotations
 
 import logging
+import random
 import secrets
 import time
 from dataclasses import dataclass
@@ -24,13 +25,15 @@ from botocore.exceptions import ClientError
 
 from chalicelib import aws, dynamo, jobs
 from chalicelib.config import Settings
-from chalicelib.errors import Conflict, InvalidRequest, LeaseLost, NotFound
+from chalicelib.errors import Busy, Conflict, InvalidRequest, LeaseLost, NotFound
 from chalicelib.states import JOB_ACCEPTS_WORK, REPLICA_MAY_PULL, ChunkStatus, ReplicaPhase
 
 logger = logging.getLogger(__name__)
 
-# A lost race on the job item (another replica pulled first) is retried this many times.
+# A lost race on the job item (another replica pulled first) is retried this many times, after
+# a random pause that grows with each loss, so concurrent pullers spread out.
 MAX_CONTENTION_RETRIES = 25
+MAX_CONTENTION_PAUSE_SECONDS = 0.2
 # Expired leases reclaimed per pull that finds the queue empty; the watchdog reclaims the rest.
 RECLAIM_ON_PULL_LIMIT = 10
 # Owner phases whose lost leases do not spend the chunk's retry budget.
@@ -128,7 +131,7 @@ def pull(settings: Settings, job_id: str, replica: dict[str, Any]) -> Lease | No
     if ReplicaPhase(replica["phase"]) not in REPLICA_MAY_PULL:
         return None
     reclaimed_once = False
-    for _ in range(MAX_CONTENTION_RETRIES):
+    for attempt in range(MAX_CONTENTION_RETRIES):
         job = jobs.get_job(settings, job_id)
         if job["status"] not in {s.value for s in JOB_ACCEPTS_WORK}:
             return None
@@ -222,8 +225,14 @@ def pull(settings: Settings, job_id: str, replica: dict[str, Any]) -> Lease | No
                 return None
             logger.info(
                 "pull lost a race, retrying",
-                extra={"job_id": job_id, "replica_id": replica_id, "chunk_id": chunk_id_for(index)},
+                extra={
+                    "job_id": job_id,
+                    "replica_id": replica_id,
+                    "chunk_id": chunk_id_for(index),
+                    "attempt": attempt + 1,
+                },
             )
+            time.sleep(random.uniform(0, min(MAX_CONTENTION_PAUSE_SECONDS, 0.005 * 2**attempt)))
             continue
         chunk = get_chunk(settings, job_id, index)
         logger.info(
@@ -240,7 +249,10 @@ def pull(settings: Settings, job_id: str, replica: dict[str, Any]) -> Lease | No
             chunk=chunk,
             job=job,
         )
-    raise Conflict(
+    logger.warning(
+        "pull gave up after lost races", extra={"job_id": job_id, "replica_id": replica_id}
+    )
+    raise Busy(
         f"too many replicas pulled from job {job_id!r} at once; retry the pull",
         retry_after_seconds=1,
     )

@@ -61,3 +61,10 @@ class LeaseLost(Conflict):
 class PayloadTooLarge(ControlPlaneError):
     status_code = 413
     code = "payload_too_large"
+
+
+class Busy(ControlPlaneError):
+    """A transient overload (a hot item lost too many races); the client should retry."""
+
+    status_code = 503
+    code = "busy"

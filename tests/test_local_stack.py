@@ -159,3 +159,58 @@ def test_real_engine_survives_sigkill_of_a_replica(tmp_path):
         assert all(text.strip() for text in contents)
     finally:
         assert stack.stop() == 0
+
+
+@pytest.fixture
+def long_lease_stack():
+    # The pulling threads of the test below never renew, so their leases must outlive the test.
+    stack = StackProcess("--engine", "fake", log_path=ARTIFACTS / "race-stack.log")
+    try:
+        stack.wait_ready()
+        yield stack
+    finally:
+        assert stack.stop() == 0
+
+
+def test_concurrent_pulls_never_double_assign(long_lease_stack, tmp_path):
+    """Pulls race through the threaded API server and the moto server's serialised DynamoDB."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    fake_stack = long_lease_stack
+    client = ApiClient(fake_stack.url)
+    write_input(tmp_path / "in.jsonl", 60, max_tokens=100_000)
+    uri = client.upload(tmp_path / "in.jsonl")
+    # One local replica starts with the job and takes at most 2 chunks; its requests run for
+    # minutes on the simulated engine, so it finishes nothing during the test.
+    submitted = client.post(
+        "/submit/batch",
+        {"model_name": "fake/model", "input_file": uri, "replicas": 1, "chunk_size": 1},
+    )
+    job_id = submitted["job_id"]
+    tokens = client.post(f"/job/{job_id}/scale", {"count": 8, "provider": "external"})["replica_tokens"]
+
+    def drain(item):
+        replica_id, token = item
+        leased = []
+        with httpx.Client(base_url=fake_stack.url, timeout=60) as http:
+            while True:
+                response = http.post(
+                    f"/job/{job_id}/chunks/pull",
+                    json={"replica_id": replica_id},
+                    headers={"Authorization": f"Bearer {token}"},
+                )
+                if response.status_code == 204:
+                    return leased
+                assert response.status_code == 200, response.text
+                leased.append(response.json()["chunk_id"])
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(drain, tokens.items()))
+    pulled = [chunk for result in results for chunk in result]
+    assert len(pulled) == len(set(pulled))
+    progress = client.get(f"/job/{job_id}")["chunks"]
+    assert progress["pending"] == 0
+    assert progress["inflight"] == 60
+    assert 58 <= len(pulled) <= 60

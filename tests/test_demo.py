@@ -51,7 +51,7 @@ def test_interrupted_demo_leaves_nothing_running(tmp_path):
     port = free_port_pair()
     demo = start_demo(tmp_path, port)
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not processes_with_argument("-m sidecar"):
+    while time.monotonic() < deadline and not processes_with_argument(f"http://127.0.0.1:{port}"):
         time.sleep(0.1)
     sidecars = processes_with_argument(f"http://127.0.0.1:{port}")
     assert sidecars, "the demo never started a replica"

@@ -1,89 +1,19 @@
-"""Runs ``tandemn local up`` as a child process and finds its replica processes."""
+"""Finds the local stack's replica processes and waits for jobs, for end-to-end tests."""
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import httpx
+from tandemn.stack_process import PROJECT_DIR, StackProcess, free_port_pair
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
-
-
-def free_port_pair() -> int:
-    """Returns a port P such that P and P + 1 are free on 127.0.0.1."""
-    for _ in range(50):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no two adjacent free ports on 127.0.0.1")
-
-
-class StackProcess:
-    def __init__(self, *arguments: str, log_path: Path) -> None:
-        self.port = free_port_pair()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = log_path.open("wb")
-        environment = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-        environment["PYTHONUNBUFFERED"] = "1"
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tandemn.cli",
-                "local",
-                "up",
-                "--port",
-                str(self.port),
-                *arguments,
-            ],
-            cwd=PROJECT_DIR,
-            env=environment,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"local stack exited early:\n{self.log_path.read_text()[-3000:]}"
-                )
-            try:
-                if httpx.get(f"{self.url}/jobs", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise TimeoutError(
-            f"local stack not ready in {timeout} s:\n{self.log_path.read_text()[-3000:]}"
-        )
-
-    def stop(self, timeout: float = 60.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
-        self._log.close()
-        return self.process.returncode
+__all__ = [
+    "PROJECT_DIR",
+    "StackProcess",
+    "free_port_pair",
+    "processes_with_argument",
+    "wait_for_job",
+]
 
 
 def processes_with_argument(fragment: str) -> list[int]:

@@ -199,8 +199,10 @@ def _follow(client: ApiClient, job_id: str, interval: float = 1.0) -> dict[str, 
             total = max(int(job.get("num_lines") or 0), 1)
             done = int(job.get("requests_done") or 0)
             now = time.monotonic()
+            # Replicas report tokens when a chunk completes, so a short window would often
+            # show none; the rate is the average since this command started following.
             samples.append((now, int(job.get("generation_tokens_total") or 0)))
-            samples = [s for s in samples if now - s[0] <= 30.0]
+            samples = [samples[0], samples[-1]]
             rate_text, eta_text = "- tok/s", "-"
             if len(samples) >= 2 and samples[-1][0] > samples[0][0]:
                 rate = (samples[-1][1] - samples[0][1]) / (samples[-1][0] - samples[0][0])
@@ -278,13 +280,20 @@ def local_up(
     lease_seconds: int | None = typer.Option(
         None, "--lease-seconds", min=5, help="Chunk lease length in seconds (default 300)."
     ),
+    engine_threads: int | None = typer.Option(
+        None, "--engine-threads", min=1, help="CPU threads of each llama-server (default: half the cores)."
+    ),
 ) -> None:
     """Start the local stack in the foreground; Ctrl-C stops it and every replica."""
     from tandemn import engine_paths
     from tandemn.stack import LocalStack, StackOptions
 
     options = StackOptions(
-        api_port=port, slots=slots, watchdog_seconds=watchdog_seconds, lease_seconds=lease_seconds
+        api_port=port,
+        slots=slots,
+        watchdog_seconds=watchdog_seconds,
+        lease_seconds=lease_seconds,
+        engine_threads=engine_threads,
     )
     if engine == "llama":
         try:

@@ -38,6 +38,9 @@ class EngineSettings:
     # llama.cpp splits --ctx-size evenly across --parallel slots.
     slots: int = 4
     context_per_slot: int = 2048
+    # CPU threads per engine. llama.cpp defaults to one per core, so two engines on two cores
+    # would each spin on both; half the cores each suits the usual 2 replicas.
+    threads: int = field(default_factory=lambda: max(1, (os.cpu_count() or 2) // 2))
     extra_arguments: list[str] = field(default_factory=list)
 
 
@@ -87,6 +90,7 @@ class LocalProvider:
             str(self.engine.slots),
             "--ctx-size",
             str(self.engine.slots * self.engine.context_per_slot),
+            "--threads", str(self.engine.threads),
             "--metrics",
             "--no-webui",
             *self.engine.extra_arguments,

@@ -37,6 +37,8 @@ class StackOptions:
     model_path: Path | None = None
     slots: int = 4
     context_per_slot: int = 2048
+    # None keeps the provider's default (half the cores).
+    engine_threads: int | None = None
     log_dir: Path = PROJECT_DIR / ".cache" / "local" / "logs"
 
 
@@ -135,6 +137,8 @@ class LocalStack:
             slots=self.options.slots,
             context_per_slot=self.options.context_per_slot,
         )
+        if self.options.engine_threads:
+            engine.threads = self.options.engine_threads
         self.provider = LocalProvider(self.api_url, engine, self.options.log_dir)
         providers.register(self.provider)
 

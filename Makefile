@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LLAMA_SERVER := .cache/llama.cpp/bin/llama-server
 
-.PHONY: venv engine test test-fast demo lint clean
+.PHONY: venv engine test test-fast demo lint package clean
 
 venv: $(STAMP)
 
@@ -35,6 +35,18 @@ demo: venv engine
 
 lint: venv
 	$(BIN)/ruff check .
+
+# The CloudFormation template (out/package/sam.json, with deployment.zip) and the sidecar bundle
+# (out/sidecar.zip) of the dev stage; README "Deploy to AWS" deploys them. The first run needs
+# PyPI to build the Lambda dependencies; no AWS account is needed.
+PACKAGE_REGION ?= us-east-1
+package: venv
+	$(BIN)/python -m tandemn.package merge-template out/merge-template.json
+	$(BIN)/python -m tandemn.package sidecar out/sidecar.zip
+	rm -rf out/package
+	AWS_DEFAULT_REGION=$(PACKAGE_REGION) $(BIN)/chalice package --stage dev \
+		--pkg-format cloudformation --merge-template out/merge-template.json out/package
+	$(BIN)/cfn-lint out/package/sam.json
 
 clean:
 	rm -rf $(VENV) .cache out

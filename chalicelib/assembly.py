@@ -16,7 +16,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from chalicelib import aws, background, dynamo, jobs, storage
+from chalicelib import analytics, aws, background, dynamo, jobs, storage
 from chalicelib.config import Settings, load_settings
 from chalicelib.errors import NotFound
 from chalicelib.states import JOB_ACCEPTS_WORK, JOB_TERMINAL, ChunkStatus, JobStatus
@@ -220,6 +220,7 @@ def assemble(settings: Settings, job_id: str) -> dict[str, Any] | None:
         "finished_at": time.time(),
     }
     jobs.transition_job(settings, job_id, final, extra_set=fields)
+    analytics.write_run_report_safely(settings, job_id)
     logger.info(
         "job output assembled",
         extra={

@@ -34,6 +34,18 @@ def client(service: str) -> Any:
         return found
 
 
+def regional_client(service: str, region: str) -> Any:
+    """Returns a client of ``service`` in ``region``; quotas and prices are read per region."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    key = (service, endpoint, region)
+    with _lock:
+        found = _clients.get(key)
+        if found is None:
+            found = boto3.session.Session().client(service, region_name=region, config=_CONFIG)
+            _clients[key] = found
+        return found
+
+
 def reset_clients() -> None:
     """Drops cached clients; tests call it when they start a fresh mock."""
     with _lock:

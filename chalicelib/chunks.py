@@ -23,7 +23,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from chalicelib import aws, dynamo, jobs
+from chalicelib import aws, dynamo, jobs, state_events
 from chalicelib.config import Settings
 from chalicelib.errors import Busy, Conflict, InvalidRequest, LeaseLost, NotFound
 from chalicelib.states import JOB_ACCEPTS_WORK, REPLICA_MAY_PULL, ChunkStatus, ReplicaPhase
@@ -37,7 +37,7 @@ MAX_CONTENTION_PAUSE_SECONDS = 0.2
 # Expired leases reclaimed per pull that finds the queue empty; the watchdog reclaims the rest.
 RECLAIM_ON_PULL_LIMIT = 10
 # Owner phases whose lost leases do not spend the chunk's retry budget.
-_NOT_THE_CHUNKS_FAULT = frozenset({"killed", "swapped_out", "draining", "completed"})
+_NOT_THE_CHUNKS_FAULT = frozenset({"killed", "swapped_out", "draining", "completed", "preempting"})
 
 
 def chunk_id_for(index: int) -> str:
@@ -423,6 +423,9 @@ def _take_back(
             "status": new_status.value,
         },
     )
+    state_events.chunk_taken_back(
+        settings, job_id, chunk_id_for(index), chunk.get("lease_owner"), reason, new_status.value
+    )
     return new_status.value
 
 
@@ -509,8 +512,14 @@ def reclaim_expired(settings: Settings, job_id: str, *, limit: int = 100) -> int
     return reclaimed
 
 
-def reclaim_owned_by(settings: Settings, job_id: str, replica_id: str) -> int:
-    """Returns a replica's leases to the queue at once without spending retries (kill, drain)."""
+def reclaim_owned_by(
+    settings: Settings, job_id: str, replica_id: str, *, spend_failure: bool = False
+) -> int:
+    """Returns a replica's leases to the queue at once (kill, drain, a dead replica).
+
+    Retries are spent only with ``spend_failure``: the watchdog spends one for a replica that
+    stopped sending heartbeats, as a lease expiry would.
+    """
     client = aws.client("dynamodb")
     query: dict[str, Any] = {
         "TableName": settings.chunks_table,
@@ -531,7 +540,14 @@ def reclaim_owned_by(settings: Settings, job_id: str, replica_id: str) -> int:
                 or chunk.get("lease_owner") != replica_id
             ):
                 continue
-            if _take_back(settings, job_id, chunk, spend_failure=False, reason="replica stopped"):
+            if _take_back(
+                settings,
+                job_id,
+                chunk,
+                spend_failure=spend_failure,
+                reason="replica stopped",
+                error_message="replica stopped sending heartbeats" if spend_failure else None,
+            ):
                 reclaimed += 1
         if not page.get("LastEvaluatedKey"):
             return reclaimed
@@ -581,6 +597,14 @@ def complete(
             return CompletionResult("already_completed", jobs.progress_of(job))
         if not verified_output:
             if not object_exists(expected_key):
+                # A token never issued for this chunk has no output key either; say so first.
+                chunk = get_chunk(settings, job_id, index)
+                if lease_token not in (chunk.get("tokens") or set()):
+                    raise LeaseLost(
+                        f"lease token was never issued for chunk {chunk_id!r}; only an attempt "
+                        "that pulled the chunk can complete it",
+                        chunk_id=chunk_id,
+                    )
                 raise InvalidRequest(
                     f"output object {expected_key!r} for chunk {chunk_id!r} was not found; upload "
                     "the chunk's output before completing it"
@@ -635,6 +659,17 @@ def complete(
                     "ExpressionAttributeValues": dynamo.serialize(job_values),
                 }
             },
+            {
+                # The completing replica's count, in the same transaction so it costs no extra
+                # request; a swap counts the new replicas that have completed a chunk.
+                "Update": {
+                    "TableName": settings.replicas_table,
+                    "Key": {"job_id": {"S": job_id}, "replica_id": {"S": replica_id}},
+                    "UpdateExpression": "ADD chunks_completed :one SET last_heartbeat = :now",
+                    "ConditionExpression": "attribute_exists(replica_id)",
+                    "ExpressionAttributeValues": dynamo.serialize({":one": 1, ":now": now}),
+                }
+            },
         ]
         try:
             client.transact_write_items(TransactItems=items)
@@ -650,7 +685,7 @@ def complete(
                     chunk_id=chunk_id,
                 ) from error
             if (
-                len(codes) == 2
+                len(codes) >= 2
                 and codes[1] == "ConditionalCheckFailed"
                 and chunk["status"] != ChunkStatus.COMPLETED.value
             ):

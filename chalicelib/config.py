@@ -31,6 +31,16 @@ class Settings:
     # function named in `async_function_name` with InvocationType=Event (deployed stage).
     async_mode: str
     async_function_name: str
+    # Metric state, timeseries and replica summaries; its stream feeds the WebSocket push.
+    metrics_table: str = "tandemn-metrics"
+    # Job and replica events (transitions, launches, reclaims, swaps).
+    events_table: str = "tandemn-events"
+    # WebSocket connections, their job subscriptions and single-use connect tokens.
+    connections_table: str = "tandemn-connections"
+    # One run report per finished job.
+    runs_table: str = "tandemn-runs"
+    # Metric snapshots and events expire (DynamoDB TTL) this many days after they are written.
+    metrics_ttl_days: int = 30
 
 
 def load_settings() -> Settings:
@@ -46,4 +56,9 @@ def load_settings() -> Settings:
         sync_validation_max_bytes=_int_env("TANDEMN_SYNC_VALIDATION_MAX_BYTES", 256 * 1024 * 1024),
         async_mode=os.environ.get("TANDEMN_ASYNC_MODE", "thread"),
         async_function_name=os.environ.get("TANDEMN_ASYNC_FUNCTION", "run_background_task"),
+        metrics_table=os.environ.get("METRICS_TABLE", "tandemn-metrics"),
+        events_table=os.environ.get("EVENTS_TABLE", "tandemn-events"),
+        connections_table=os.environ.get("CONNECTIONS_TABLE", "tandemn-connections"),
+        runs_table=os.environ.get("RUNS_TABLE", "tandemn-runs"),
+        metrics_ttl_days=_int_env("TANDEMN_METRICS_TTL_DAYS", 30),
     )

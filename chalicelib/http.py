@@ -121,3 +121,23 @@ def handle_errors(view: Callable[..., Any]) -> Callable[..., Any]:
             return json_response(error.to_body(), error.status_code)
 
     return wrapper
+
+
+def query_float(
+    params: dict[str, str] | None, name: str, low: float = 0.0, high: float = 1e12
+) -> float | None:
+    """Returns the query parameter ``name`` as a float, None when absent."""
+    raw = (params or {}).get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = float(raw)
+    except ValueError as error:
+        raise InvalidRequest(
+            f"query parameter {name} {raw[:40]!r} is not a number", field=name
+        ) from error
+    if not low <= value <= high:
+        raise InvalidRequest(
+            f"query parameter {name} {value:g} is out of range; use {low:g} to {high:g}", field=name
+        )
+    return value

@@ -17,8 +17,9 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from chalicelib import aws, dynamo
+from chalicelib import aws, dynamo, state_events
 from chalicelib.config import Settings
+from chalicelib.models import ID_RE
 from chalicelib.errors import Conflict, InvalidRequest, NotFound
 from chalicelib.states import JOB_STATUS_RANK, JOB_TERMINAL, JobStatus, job_sources_for
 
@@ -136,6 +137,7 @@ def transition_job(
             ) from error
         return False
     logger.info("job status changed", extra={"job_id": job_id, "status": target.value})
+    state_events.job_transitioned(settings, job_id, target.value)
     return True
 
 
@@ -189,25 +191,42 @@ def job_view(settings: Settings, job: dict[str, Any]) -> dict[str, Any]:
         view["validation_errors"] = job["validation_errors"]
     if job.get("failure_reason"):
         view["failure_reason"] = job["failure_reason"]
+    # Ranked placements from the solver at submit (chalicelib/placement.py), best first.
+    for key in ("placement_solver", "placements", "placement_warning"):
+        if job.get(key):
+            view[key] = job[key]
     return view
 
 
 def _encode_page_token(key: dict[str, Any]) -> str:
-    return base64.urlsafe_b64encode(json.dumps(key).encode()).decode()
+    plain = {"job_id": key["job_id"]["S"], "created_at": key["created_at"]["N"]}
+    return base64.urlsafe_b64encode(json.dumps(plain).encode()).decode()
 
 
 def _decode_page_token(token: str) -> dict[str, Any]:
+    """Rebuilds the index key from a token; any other shape is rejected, never sent to DynamoDB."""
+    invalid = InvalidRequest(
+        f"next_token {token[:40]!r} is not a token this API returned; omit it for the first page",
+        field="next_token",
+    )
     try:
-        key = json.loads(base64.urlsafe_b64decode(token.encode()))
+        plain = json.loads(base64.urlsafe_b64decode(token.encode()))
     except (ValueError, UnicodeDecodeError) as error:
-        raise InvalidRequest(
-            f"next_token {token[:40]!r} is not a token this API returned; omit it for the first page"
-        ) from error
-    if not isinstance(key, dict):
-        raise InvalidRequest(
-            "next_token is not a token this API returned; omit it for the first page"
-        )
-    return key
+        raise invalid from error
+    if not isinstance(plain, dict) or set(plain) != {"job_id", "created_at"}:
+        raise invalid
+    job_id, created_at = plain["job_id"], plain["created_at"]
+    if not isinstance(job_id, str) or not ID_RE.match(job_id) or not isinstance(created_at, str):
+        raise invalid
+    try:
+        float(created_at)
+    except ValueError as error:
+        raise invalid from error
+    return {
+        "job_id": {"S": job_id},
+        "listing": {"S": LISTING_KEY},
+        "created_at": {"N": created_at},
+    }
 
 
 def list_jobs(settings: Settings, limit: int, next_token: str | None) -> dict[str, Any]:

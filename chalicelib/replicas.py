@@ -16,7 +16,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from chalicelib import aws, dynamo, jobs, providers
+from chalicelib import aws, dynamo, jobs, providers, state_events
 from chalicelib.config import Settings
 from chalicelib.errors import Conflict, Forbidden, InvalidRequest, NotFound, Unauthorized
 from chalicelib.models import ID_RE
@@ -31,10 +31,11 @@ from chalicelib.states import (
 logger = logging.getLogger(__name__)
 
 TOKEN_PREFIX = "trk_"
-# A verified token maps to the same replica for ever (tokens are never reissued), so a process
-# remembers the mapping and saves one GetItem on most replica requests. The replica's phase in
-# the cached item can be stale; every write that depends on the phase checks it in its own
-# condition expression.
+# A verified token maps to the same replica, so a process remembers the mapping and saves one
+# GetItem on most replica requests. The replica's phase in the cached item can be stale; every
+# write that depends on the phase checks it in its own condition expression. A launched replica
+# gets a new token for each launch attempt (chalicelib/lifecycle.py), and the instance of the
+# previous attempt is terminated first, so a cached old token has no process left to use it.
 AUTH_CACHE_SECONDS = 300.0
 AUTH_CACHE_MAX_ENTRIES = 10_000
 _auth_cache: dict[str, tuple[float, dict[str, Any]]] = {}
@@ -131,8 +132,12 @@ def register_replicas(
     """Creates ``count`` replica identities for a job and returns their ids and tokens once.
 
     Replica ids are ``<job>-r<i>`` for the first registration and ``<job>-v<N>-r<i>`` after
-    it, with N the job's replica version after this call.
+    it, with N the job's replica version after this call. Replicas of the ``external`` provider
+    get their tokens here. The scale state machine launches the others and issues a token per
+    launch attempt, so their entries carry no token.
     """
+    from chalicelib import lifecycle  # lifecycle imports this module
+
     job = jobs.get_job(settings, job_id)
     if job["status"] in JOB_TERMINAL or job["status"] == JobStatus.ASSEMBLING.value:
         raise Conflict(f"job {job_id!r} is {job['status']!r} and cannot take new replicas")
@@ -152,44 +157,37 @@ def register_replicas(
         ReturnValues="UPDATED_NEW",
     )
     version = int(response["Attributes"]["replica_version"]["N"])
+    external = provider == "external"
+    if not external:
+        config = lifecycle.replica_config_for(job, config)
     now = time.time()
     created = []
     for index in range(count):
         replica_id = f"{job_id}-r{index}" if version == 1 else f"{job_id}-v{version}-r{index}"
-        token = new_token(replica_id)
+        token = new_token(replica_id) if external else None
         item = {
             "job_id": job_id,
             "replica_id": replica_id,
-            "token_hash": hash_token(token),
+            "token_hash": hash_token(token) if token else None,
             "phase": ReplicaPhase.REGISTERED.value,
             "provider": provider,
             "version": version,
             "created_at": now,
             "updated_at": now,
         }
-        item.update({k: v for k, v in config.items() if v is not None})
+        item.update(config)
+        item = {k: v for k, v in item.items() if v is not None}
         client.put_item(
             TableName=settings.replicas_table,
             Item=dynamo.serialize(item),
             ConditionExpression="attribute_not_exists(replica_id)",
         )
-        created.append({"replica_id": replica_id, "token": token})
+        created.append(
+            {"replica_id": replica_id, "token": token} if external else {"replica_id": replica_id}
+        )
         logger.info("replica registered", extra={"job_id": job_id, "replica_id": replica_id})
-    launcher = providers.get(provider)
-    for entry in created:
-        try:
-            launcher.launch(job_id, entry["replica_id"], entry["token"], config)
-        except Exception as error:
-            logger.exception(
-                "replica launch failed", extra={"job_id": job_id, "replica_id": entry["replica_id"]}
-            )
-            transition_replica(
-                settings,
-                job_id,
-                entry["replica_id"],
-                ReplicaPhase.FAILED,
-                reason=f"launch failed: {error}",
-            )
+    if not external:
+        lifecycle.start_scale(settings, job_id, version, [entry["replica_id"] for entry in created])
     return {"version": version, "replicas": created}
 
 
@@ -238,6 +236,7 @@ def transition_replica(
         "replica phase changed",
         extra={"job_id": job_id, "replica_id": replica_id, "phase": target.value, "from": current},
     )
+    state_events.replica_transitioned(settings, job_id, replica_id, current, target.value, reason)
     return current
 
 
@@ -251,7 +250,7 @@ def kill_replicas(settings: Settings, job_id: str, replica_ids: list[str]) -> di
     A kill is not the chunk's fault, so no retry budget is spent. Replicas of another job, unknown
     ids and replicas already in a terminal phase are skipped and listed.
     """
-    from chalicelib import chunks  # chunks imports this module for lease owners
+    from chalicelib import chunks, lifecycle  # both import this module
 
     jobs.get_job(settings, job_id)
     killed: list[str] = []
@@ -277,4 +276,6 @@ def kill_replicas(settings: Settings, job_id: str, replica_ids: list[str]) -> di
         launcher = providers.get(replica.get("provider", "external"))
         if launcher is not None:
             launcher.terminate(job_id, replica_id)
+        # A replica killed while it starts also ends the launch execution that waits for it.
+        lifecycle.on_stopped(settings, job_id, replica_id, "killed by user")
     return {"status": "killing", "killed": killed, "skipped": skipped, "reclaimed": reclaimed}

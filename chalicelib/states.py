@@ -123,11 +123,15 @@ REPLICA_TRANSITIONS: dict[ReplicaPhase, frozenset[ReplicaPhase]] = {
         | {ReplicaPhase.RUNNING}
         | _ENDINGS
     ),
+    # launching -> launching and loading_model -> launching: the launch state machine moves a
+    # replica that did not come up to its next placement candidate.
     ReplicaPhase.LAUNCHING: frozenset(
-        {ReplicaPhase.LOADING_MODEL, ReplicaPhase.MODEL_READY, ReplicaPhase.RUNNING} | _ENDINGS
+        {ReplicaPhase.LAUNCHING, ReplicaPhase.LOADING_MODEL, ReplicaPhase.MODEL_READY}
+        | {ReplicaPhase.RUNNING}
+        | _ENDINGS
     ),
     ReplicaPhase.LOADING_MODEL: frozenset(
-        {ReplicaPhase.MODEL_READY, ReplicaPhase.RUNNING} | _ENDINGS
+        {ReplicaPhase.LAUNCHING, ReplicaPhase.MODEL_READY, ReplicaPhase.RUNNING} | _ENDINGS
     ),
     ReplicaPhase.MODEL_READY: frozenset({ReplicaPhase.RUNNING, ReplicaPhase.PREEMPTING} | _ENDINGS),
     ReplicaPhase.RUNNING: frozenset({ReplicaPhase.PREEMPTING} | _ENDINGS),

@@ -9,7 +9,7 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from chalicelib import background, chunks, jobs, providers, replicas, storage, validation
+from chalicelib import background, chunks, jobs, placement, providers, replicas, storage, validation
 from chalicelib.config import Settings, load_settings
 from chalicelib.errors import InvalidInput, InvalidRequest
 from chalicelib.models import SubmitBatchRequest
@@ -96,6 +96,8 @@ def submit(settings: Settings, request: SubmitBatchRequest) -> dict[str, Any]:
     result = _validate(bucket, key, size, request.chunk_size)
     if not result.ok:
         raise _invalid_input(result, request.input_file)
+    # Planned before anything is written: an infeasible user_specified placement is a 409.
+    fields.update(placement.plan_for_job(settings, request, result.stats))
     _create_chunks_and_job(settings, job_id, fields, result)
     launched = _launch_initial_replicas(settings, job_id, request.model_dump())
     return {
@@ -104,6 +106,7 @@ def submit(settings: Settings, request: SubmitBatchRequest) -> dict[str, Any]:
         "chunks": len(result.chunks),
         "replicas": launched,
         "input_stats": _stats_view(result.stats),
+        **placement.response_fields(fields),
         "output_location": f"s3://{settings.bucket}/{jobs.output_prefix(settings, job_id)}",
         "message": f"job created with {len(result.chunks)} chunks; it waits for replicas",
     }
@@ -185,8 +188,17 @@ def validate_in_background(settings: Settings, job_id: str) -> None:
             extra_set={"validation_errors": _errors_view(result), "failure_reason": error.message},
         )
         return
+    try:
+        planned = placement.plan_for_job(settings, placement.stored_request(job), result.stats)
+    except placement.PLAN_ERRORS as error:
+        jobs.transition_job(
+            settings, job_id, JobStatus.FAILED, extra_set={"failure_reason": error.message}
+        )
+        return
     chunks.write_chunks(settings, job_id, result.chunks)
-    jobs.transition_job(settings, job_id, JobStatus.QUEUED, extra_set=_counter_fields(result))
+    jobs.transition_job(
+        settings, job_id, JobStatus.QUEUED, extra_set={**_counter_fields(result), **planned}
+    )
     _launch_initial_replicas(settings, job_id, requested)
 
 

@@ -16,15 +16,22 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
+from botocore.exceptions import BotoCoreError, ClientError
+
 from sidecar.control import ControlPlaneClient
 from sidecar.engine import EngineClient
+from sidecar.lifeline import Heartbeat, SpotNoticePoller, token_from_parameter
 from sidecar.logs import configure_logging
 from sidecar.runner import Runner
 from sidecar.storage import ChunkStorage
+from sidecar.telemetry import Telemetry
 
 logger = logging.getLogger("sidecar")
 
 TOKEN_VARIABLE = "TANDEMN_REPLICA_TOKEN"
+# Name of a SecureString SSM parameter holding the token, read at start when the token variable
+# is unset (EC2 instances, whose user data must not hold the token).
+TOKEN_PARAMETER_VARIABLE = "TANDEMN_REPLICA_TOKEN_PARAMETER"
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,11 @@ class Settings:
     request_timeout: float
     max_leases: int
     log_level: str
+    metrics_interval: float = 5.0
+    heartbeat_interval: float = 20.0
+    # Off unless set: the EC2 boot script points them at the instance metadata service.
+    spot_notice_url: str | None = None
+    metadata_token_url: str | None = None
 
 
 def _positive_int(text: str) -> int:
@@ -149,6 +161,36 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         type=_positive_int,
     )
     option(
+        "--metrics-interval",
+        "TANDEMN_METRICS_INTERVAL",
+        "5",
+        "seconds between metric snapshots sent to the control plane; 0 sends none; default 5",
+        type=_non_negative_float,
+    )
+    option(
+        "--heartbeat-interval",
+        "TANDEMN_HEARTBEAT_INTERVAL",
+        "20",
+        "seconds between heartbeats; the control plane marks a replica silent for 90 s dead; "
+        "0 sends none; default 20",
+        type=_non_negative_float,
+    )
+    option(
+        "--spot-notice-url",
+        "TANDEMN_SPOT_NOTICE_URL",
+        None,
+        "instance metadata URL of spot/instance-action, polled every 5 s (404: no notice); a "
+        "notice starts a drain; default: not polled",
+        type=_http_url,
+    )
+    option(
+        "--metadata-token-url",
+        "TANDEMN_METADATA_TOKEN_URL",
+        None,
+        "IMDSv2 token URL (PUT) whose token the spot notice poller sends; default: none",
+        type=_http_url,
+    )
+    option(
         "--log-level",
         "TANDEMN_LOG_LEVEL",
         "INFO",
@@ -172,8 +214,17 @@ def parse_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
     if missing:
         parser.error(f"missing required options: {', '.join(missing)}")
     token = environ.get(TOKEN_VARIABLE, "").strip()
+    parameter = environ.get(TOKEN_PARAMETER_VARIABLE, "").strip()
+    if not token and parameter:
+        try:
+            token = token_from_parameter(parameter, environ.get("TANDEMN_REPLICA_TOKEN_REGION"))
+        except (BotoCoreError, ClientError) as error:
+            parser.error(f"the replica token could not be read from parameter {parameter}: {error}")
     if not token:
-        parser.error(f"the replica token is missing: set {TOKEN_VARIABLE}")
+        parser.error(
+            f"the replica token is missing: set {TOKEN_VARIABLE}, or {TOKEN_PARAMETER_VARIABLE} "
+            "to the SSM parameter that holds it"
+        )
     return Settings(
         api_url=arguments.api_url,
         job_id=arguments.job_id,
@@ -188,6 +239,10 @@ def parse_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         request_timeout=arguments.request_timeout,
         max_leases=arguments.max_leases,
         log_level=arguments.log_level,
+        metrics_interval=arguments.metrics_interval,
+        heartbeat_interval=arguments.heartbeat_interval,
+        spot_notice_url=arguments.spot_notice_url or None,
+        metadata_token_url=arguments.metadata_token_url or None,
     )
 
 
@@ -203,6 +258,11 @@ async def run_sidecar(settings: Settings) -> int:
     )
     try:
         storage = ChunkStorage()
+        telemetry = (
+            Telemetry(control, engine, interval=settings.metrics_interval)
+            if settings.metrics_interval > 0
+            else None
+        )
         runner = Runner(
             control,
             engine,
@@ -213,14 +273,49 @@ async def run_sidecar(settings: Settings) -> int:
             poll_interval=settings.poll_interval,
             drain_seconds=settings.drain_seconds,
             engine_ready_timeout=settings.engine_ready_timeout,
+            telemetry=telemetry,
         )
         loop = asyncio.get_running_loop()
         for number in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(number, runner.request_drain)
-        return await runner.run()
+        watchers = _start_watchers(settings, control, runner)
+        try:
+            return await runner.run()
+        finally:
+            for watcher in watchers:
+                watcher.cancel()
+            await asyncio.gather(*watchers, return_exceptions=True)
     finally:
         await control.aclose()
         await engine.aclose()
+
+
+def _start_watchers(
+    settings: Settings, control: ControlPlaneClient, runner: Runner
+) -> list[asyncio.Task]:
+    """Starts the heartbeat and, when configured, the spot notice poller; both can drain."""
+
+    def drain(reason: str) -> None:
+        logger.info("drain requested", extra={"reason": reason})
+        runner.request_drain()
+
+    watchers = []
+    if settings.heartbeat_interval > 0:
+        heartbeat = Heartbeat(control, drain, interval=settings.heartbeat_interval)
+        watchers.append(asyncio.create_task(heartbeat.run(), name="heartbeat"))
+    if settings.spot_notice_url:
+        poller = SpotNoticePoller(
+            settings.spot_notice_url, drain, token_url=settings.metadata_token_url
+        )
+        watchers.append(asyncio.create_task(_run_then_close(poller), name="spot-notice"))
+    return watchers
+
+
+async def _run_then_close(poller: SpotNoticePoller) -> None:
+    try:
+        await poller.run()
+    finally:
+        await poller.aclose()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

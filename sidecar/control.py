@@ -25,6 +25,8 @@ ReleaseReason = Literal["drain", "shutdown", "error"]
 
 # The control plane rejects a release error or a phase reason longer than this.
 MAX_REASON_CHARS = 2000
+_SEND_ONCE = RetryPolicy(max_attempts=1)
+_HEARTBEAT_RETRY = RetryPolicy(max_attempts=2)
 
 
 class ControlPlaneError(Exception):
@@ -140,12 +142,21 @@ class ControlPlaneClient:
         )
         return float(response.json()["lease_expires_at"])
 
-    async def complete(self, lease: Lease, succeeded: int, failed: int) -> dict[str, Any]:
+    async def complete(
+        self,
+        lease: Lease,
+        succeeded: int,
+        failed: int,
+        prompt_tokens: int = 0,
+        generation_tokens: int = 0,
+    ) -> dict[str, Any]:
         body = {
             **self._lease_body(lease),
             "output_key": lease.output_key,
             "requests_succeeded": succeeded,
             "requests_failed": failed,
+            "prompt_tokens": prompt_tokens,
+            "generation_tokens": generation_tokens,
         }
         response = await self._call("POST", "chunks/complete", body, chunk_id=lease.chunk_id)
         return response.json()
@@ -159,9 +170,37 @@ class ControlPlaneClient:
         response = await self._call("POST", "chunks/release", body, chunk_id=lease.chunk_id)
         return response.json()
 
+    async def ingest_metrics(
+        self, session: str, snapshots: list[dict[str, Any]], dropped: int
+    ) -> dict[str, Any]:
+        """Send metric snapshots once, without retries: the telemetry loop sends them again."""
+        body = {
+            "replica_id": self.replica_id,
+            "session": session,
+            "snapshots": snapshots,
+            "dropped_snapshots": dropped,
+        }
+        response = await self._call("POST", "metrics/ingest", body, retry=_SEND_ONCE)
+        return response.json()
+
+    async def post_metrics_summary(
+        self, metrics: dict[str, Any], retry: RetryPolicy | None = None
+    ) -> dict[str, Any]:
+        body = {"replica_id": self.replica_id, "metrics": metrics}
+        response = await self._call("POST", "metrics/summary", body, retry=retry)
+        return response.json()
+
     async def progress(self) -> Progress:
         response = await self._call("GET", "chunks/progress")
         return Progress.model_validate(response.json())
+
+    async def heartbeat(self) -> dict[str, Any]:
+        """Report that this replica is alive; the answer's ``action`` is continue or drain."""
+        # One retry at most: the next heartbeat follows within seconds.
+        response = await self._call(
+            "POST", "heartbeat", {"replica_id": self.replica_id}, retry=_HEARTBEAT_RETRY
+        )
+        return response.json()
 
     def _lease_body(self, lease: Lease) -> dict[str, Any]:
         return {

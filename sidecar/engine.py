@@ -1,13 +1,16 @@
 """Client of the inference engine's OpenAI-compatible HTTP API (vLLM or llama.cpp's llama-server).
 
 Both engines are treated the same: GET /health returns 200 once the model is loaded (llama.cpp
-returns 503 while loading), GET /v1/models lists the served model, and completions are plain
-non-streaming POSTs.
+returns 503 while loading), GET /v1/models lists the served model, and completions are
+non-streaming POSTs. When the sidecar measures latencies itself (an engine without vLLM's
+latency metrics, see sidecar/telemetry.py) completions are streamed, and the final body is
+assembled from the stream in the non-streamed shape, so output records look the same.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -55,6 +58,7 @@ class EngineClient:
         request_timeout: float = 1800.0,
         retry: RetryPolicy | None = None,
         http: httpx.AsyncClient | None = None,
+        stream_http: httpx.AsyncClient | None = None,
     ) -> None:
         # Tries are bounded by count only, because one try may take up to request_timeout.
         self.retry = retry or RetryPolicy(max_attempts=ENGINE_TRIES, max_elapsed=float("inf"))
@@ -67,9 +71,36 @@ class EngineClient:
             ),
             trust_env=False,
         )
+        # llama.cpp's llama-server closes the connection after a streamed response although it
+        # sent Keep-Alive, so a pooled connection would fail the next request with
+        # RemoteProtocolError; streamed requests therefore use a pool without keep-alive.
+        self._stream_http = stream_http or httpx.AsyncClient(
+            base_url=engine_url.rstrip("/"),
+            timeout=httpx.Timeout(request_timeout, connect=10.0),
+            limits=httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=0),
+            trust_env=False,
+        )
+        self.streaming = False
+        # Receives token counts and latencies of every request (sidecar.telemetry.ClientMetrics).
+        self.observer: Any = None
+
+    def enable_streaming(self) -> None:
+        """Stream completions from now on, so the observer gets time to first token."""
+        self.streaming = True
 
     async def aclose(self) -> None:
         await self._http.aclose()
+        await self._stream_http.aclose()
+
+    async def metrics_text(self) -> str | None:
+        """Return the engine's Prometheus page (GET /metrics), or None when it has none."""
+        try:
+            response = await self._http.get("/metrics", timeout=10.0)
+        except httpx.TransportError:
+            return None
+        if response.status_code != 200:
+            return None
+        return response.text
 
     async def health_status(self) -> tuple[int | None, str]:
         """Return the status of GET /health, or None and the error when the engine is unreachable."""
@@ -131,7 +162,13 @@ class EngineClient:
         while True:
             attempts += 1
             try:
-                response = await self._http.post(path, json=body)
+                if self.streaming:
+                    result = await self._post_streaming(path, body, attempts)
+                else:
+                    sent = time.monotonic()
+                    response = await self._http.post(path, json=body)
+                    result = _result_of(response, attempts)
+                    self._observe(result, time.monotonic() - sent, None, 0)
             except httpx.TransportError as error:
                 result = EngineResult(
                     None,
@@ -140,8 +177,7 @@ class EngineClient:
                     attempts=attempts,
                 )
             else:
-                result = _result_of(response, attempts)
-                if not _retryable(response.status_code):
+                if result.status_code is not None and not _retryable(result.status_code):
                     return result
             delay = self.retry.delay(attempts)
             if not self.retry.allows_retry(attempts, time.monotonic() - started, delay):
@@ -157,6 +193,139 @@ class EngineClient:
                 },
             )
             await asyncio.sleep(delay)
+
+    async def _post_streaming(self, path: str, body: dict[str, Any], attempts: int) -> EngineResult:
+        """POST with ``stream: true`` and assemble the non-streamed response body from the events.
+
+        An engine that answers with plain JSON anyway (or an error status) is read as usual.
+        """
+        streamed = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        sent = time.monotonic()
+        first_token: float | None = None
+        async with self._stream_http.stream("POST", path, json=streamed) as response:
+            if response.status_code != 200 or "text/event-stream" not in response.headers.get(
+                "content-type", ""
+            ):
+                await response.aread()
+                result = _result_of(response, attempts)
+                self._observe(result, time.monotonic() - sent, None, 0)
+                return result
+            assembler = StreamAssembler(chat=path.endswith("/chat/completions"))
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[len("data:") :].strip()
+                if data == "[DONE]":
+                    break
+                try:
+                    event = json.loads(data)
+                except ValueError:
+                    continue
+                if isinstance(event, dict) and "error" in event:
+                    error = event["error"]
+                    code = error.get("code") if isinstance(error, dict) else None
+                    status = code if isinstance(code, int) and code >= 400 else 500
+                    return EngineResult(status, event, text=data[:2000], attempts=attempts)
+                if assembler.add(event):
+                    if first_token is None:
+                        first_token = time.monotonic()
+                    # NOTE: tokens of an attempt that breaks off and is retried stay counted,
+                    # so live token totals can exceed usage after engine connection failures.
+                    if self.observer is not None:
+                        self.observer.observe_tokens(1)
+        result = EngineResult(200, assembler.body(), attempts=attempts)
+        ttft = None if first_token is None else first_token - sent
+        self._observe(result, time.monotonic() - sent, ttft, assembler.content_events)
+        return result
+
+    def _observe(
+        self, result: EngineResult, seconds: float, ttft: float | None, streamed_tokens: int
+    ) -> None:
+        if self.observer is None:
+            return
+        usage = result.body.get("usage") if isinstance(result.body, dict) else None
+        self.observer.observe_request(
+            ok=result.ok,
+            e2e_seconds=seconds,
+            ttft_seconds=ttft,
+            streamed_tokens=streamed_tokens,
+            usage=usage if isinstance(usage, dict) else None,
+        )
+
+
+class StreamAssembler:
+    """Builds a chat or text completion body from the chunks of a streamed response.
+
+    The result has the non-streamed OpenAI shape: ``choices[0].message.content`` (chat) or
+    ``choices[0].text`` (completions), ``finish_reason`` and ``usage``. Only choice 0 is kept,
+    and tool-call deltas are not assembled.
+    """
+
+    def __init__(self, *, chat: bool) -> None:
+        self.chat = chat
+        self.header: dict[str, Any] = {}
+        self.role = "assistant"
+        self.parts: list[str] = []
+        self.reasoning: list[str] = []
+        self.finish_reason: str | None = None
+        self.usage: dict[str, Any] | None = None
+        self.extra: dict[str, Any] = {}
+        self.content_events = 0
+
+    def add(self, event: Any) -> bool:
+        """Adds one stream event; returns True when it carried generated text."""
+        if not isinstance(event, dict):
+            return False
+        for key in ("id", "created", "model", "system_fingerprint"):
+            if key in event and key not in self.header:
+                self.header[key] = event[key]
+        if isinstance(event.get("usage"), dict):
+            self.usage = event["usage"]
+        if "timings" in event:
+            self.extra["timings"] = event["timings"]
+        carried = False
+        for choice in event.get("choices") or []:
+            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                continue
+            if self.chat:
+                delta = choice.get("delta") or {}
+                if isinstance(delta.get("role"), str):
+                    self.role = delta["role"]
+                text = delta.get("content")
+                if isinstance(delta.get("reasoning_content"), str):
+                    self.reasoning.append(delta["reasoning_content"])
+                    carried = carried or bool(delta["reasoning_content"])
+            else:
+                text = choice.get("text")
+            if isinstance(text, str) and text:
+                self.parts.append(text)
+                carried = True
+            if choice.get("finish_reason"):
+                self.finish_reason = choice["finish_reason"]
+        if carried:
+            self.content_events += 1
+        return carried
+
+    def body(self) -> dict[str, Any]:
+        text = "".join(self.parts)
+        if self.chat:
+            message: dict[str, Any] = {"role": self.role, "content": text}
+            if self.reasoning:
+                message["reasoning_content"] = "".join(self.reasoning)
+            choice: dict[str, Any] = {
+                "index": 0,
+                "message": message,
+                "finish_reason": self.finish_reason,
+            }
+            kind = "chat.completion"
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": self.finish_reason}
+            kind = "text_completion"
+        body: dict[str, Any] = {**self.header, "object": kind, "choices": [choice]}
+        if self.usage is not None:
+            body["usage"] = self.usage
+        body.update(self.extra)
+        return body
 
 
 def _retryable(status_code: int) -> bool:

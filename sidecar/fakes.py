@@ -231,6 +231,10 @@ class FakeControlPlane:
                 return 200, lease
             if route == "chunks/progress":
                 return 200, self.progress()
+            if route == "metrics/ingest":
+                return 200, {"ok": True, "ingested": len(body.get("snapshots") or [])}
+            if route == "metrics/summary":
+                return 200, {"ok": True}
             return self._lease_route(route, body)
 
     def _lease_route(self, route: str, body: dict[str, Any]) -> tuple[int, Any]:

@@ -40,6 +40,7 @@ from sidecar.records import (
     record_for_result,
 )
 from sidecar.storage import ChunkStorage, StorageError
+from sidecar.telemetry import Telemetry
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +100,7 @@ class Runner:
         drain_seconds: float = 90.0,
         engine_ready_timeout: float = 1200.0,
         health_poll_interval: float = 2.0,
+        telemetry: Telemetry | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {concurrency}")
@@ -115,6 +117,7 @@ class Runner:
         self.drain_seconds = drain_seconds
         self.engine_ready_timeout = engine_ready_timeout
         self.health_poll_interval = health_poll_interval
+        self.telemetry = telemetry
         self.stats = RunnerStats()
         self.log_ids = {"job_id": control.job_id, "replica_id": control.replica_id}
         self._slots = asyncio.Semaphore(concurrency)
@@ -144,7 +147,17 @@ class Runner:
         if outcome == "drained":
             await self._report("draining")
             return 0
-        return await self._work()
+        if self.telemetry is not None:
+            await self.telemetry.start()
+        try:
+            return await self._work()
+        finally:
+            await self._finish_telemetry()
+
+    async def _finish_telemetry(self) -> None:
+        """Send the last metrics and the replica summary, before the replica reports its end."""
+        if self.telemetry is not None:
+            await self.telemetry.close(dataclasses.asdict(self.stats))
 
     async def _start(self) -> Literal["ready", "failed", "drained"]:
         await self._report("loading_model")
@@ -260,6 +273,7 @@ class Runner:
                 done = await self._job_done()
                 if done:
                     logger.info("all chunks of the job are done", extra=self.log_ids)
+                    await self._finish_telemetry()
                     await self._report("replica_complete")
                     return 0
                 if not idle_logged:
@@ -392,6 +406,7 @@ class Runner:
         records = await self._guarded(work, self._run_requests(work, items))
         succeeded = sum(1 for record in records if record["error"] is None)
         failed = len(records) - succeeded
+        prompt_tokens, generation_tokens = _usage_totals(records)
         self._log_failures(work, records)
 
         try:
@@ -411,7 +426,10 @@ class Runner:
 
         renewer.cancel()
         try:
-            result = await self._guarded(work, self.control.complete(lease, succeeded, failed))
+            result = await self._guarded(
+                work,
+                self.control.complete(lease, succeeded, failed, prompt_tokens, generation_tokens),
+            )
         except RequestRejected as error:
             if error.status_code == 409:
                 logger.warning(
@@ -585,6 +603,18 @@ class Runner:
 
 
 _DRAINED = object()
+
+
+def _usage_totals(records: list[dict[str, Any]]) -> tuple[int, int]:
+    """Return the prompt and completion tokens that the engine reported for the chunk's records."""
+    prompt = generation = 0
+    for record in records:
+        body = (record.get("response") or {}).get("body")
+        usage = body.get("usage") if isinstance(body, dict) else None
+        if isinstance(usage, dict):
+            prompt += int(usage.get("prompt_tokens") or 0)
+            generation += int(usage.get("completion_tokens") or 0)
+    return prompt, generation
 
 
 class _Slot:

@@ -68,6 +68,20 @@ class ApiClient:
             raise ApiError(message, response.status_code, body_data)
         return response.json()
 
+    def get_text(self, path: str, params: dict[str, Any] | None = None) -> str:
+        """GETs a non-JSON body, such as the server-sent events of ``/metrics/stream``."""
+        try:
+            response = self._http.get(path, params=params)
+        except httpx.HTTPError as error:
+            raise ApiError(
+                f"cannot reach the control plane at {self.base_url} ({error}); start it with "
+                "`tandemn local up` or set --api-url / TANDEMN_API_URL"
+            ) from error
+        if response.status_code >= 400:
+            message, body_data = _error_message(response)
+            raise ApiError(message, response.status_code, body_data)
+        return response.text
+
     def get(self, path: str, params: dict[str, Any] | None = None) -> Any:
         return self.request("GET", path, params=params)
 

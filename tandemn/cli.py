@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from tandemn import cli_metrics, cli_replicas
 from tandemn.api_client import ApiClient, ApiError, default_api_url
 
 app = typer.Typer(
@@ -30,6 +31,8 @@ errors = Console(stderr=True)
 
 TERMINAL_STATUSES = {"succeeded", "completed_with_errors", "failed", "cancelled"}
 PID_FILE = Path(__file__).resolve().parent.parent / ".cache" / "local" / "stack.pid"
+# The running local stack's addresses, for `tandemn deploy --local`.
+STACK_FILE = PID_FILE.with_name("stack.json")
 
 ApiUrl = typer.Option(
     None,
@@ -83,10 +86,18 @@ def deploy(
     wait: bool = typer.Option(
         False, "--wait", help="Show progress until the job ends; exit non-zero unless it succeeded."
     ),
+    local: bool = typer.Option(
+        False,
+        "--local",
+        help="Submit to the local stack started by `tandemn local up`, whose replicas launch "
+        "through its state machines (overrides $TANDEMN_API_URL).",
+    ),
     api_url: str | None = ApiUrl,
     as_json: bool = JsonFlag,
 ) -> None:
     """Upload INPUT (if local) and submit it as a batch job."""
+    if local and api_url is None:
+        api_url = _local_stack_url()
     client = _client(api_url)
     if input_file.startswith("s3://"):
         uri = input_file
@@ -119,6 +130,13 @@ def deploy(
     if wait:
         final = _follow(client, submitted["job_id"])
         raise typer.Exit(0 if final["status"] == "succeeded" else 1)
+
+
+def _local_stack_url() -> str:
+    """Returns the API URL that `tandemn local up` recorded, failing when no stack runs."""
+    if not STACK_FILE.exists() or not PID_FILE.exists():
+        _fail("no local stack is running; start one with `tandemn local up`")
+    return json.loads(STACK_FILE.read_text())["api_url"]
 
 
 def _job_table(jobs: list[dict[str, Any]]) -> Table:
@@ -316,6 +334,7 @@ def local_up(
         _fail(str(error))
     PID_FILE.parent.mkdir(parents=True, exist_ok=True)
     PID_FILE.write_text(str(os.getpid()))
+    STACK_FILE.write_text(json.dumps({"api_url": stack.api_url, "moto_url": stack.moto_url}))
     console.print(
         f"local stack up: API {stack.api_url}, moto {stack.moto_url}, engine {engine}; Ctrl-C stops it"
     )
@@ -326,6 +345,7 @@ def local_up(
         console.print("stopping the local stack")
         stack.stop()
         PID_FILE.unlink(missing_ok=True)
+        STACK_FILE.unlink(missing_ok=True)
 
 
 @local_app.command("down")
@@ -352,6 +372,102 @@ def local_down(
             return
         time.sleep(0.2)
     _fail(f"local stack (pid {pid}) did not stop within {timeout:.0f} s")
+
+
+# metrics, stream, history, inspect and timeseries.
+cli_metrics.register(app)
+# add, kill, swap and replicas.
+cli_replicas.register(app)
+
+
+PLACEMENT_COLUMNS = (
+    *("#", "instance", "GPU", "tp", "pp", "replicas", "market", "region"),
+    *("tokens/s", "$/h", "$/M tokens", "hours", "deadline"),
+)
+
+
+def _placement_table(placements: list[dict[str, Any]]) -> Table:
+    table = Table(*PLACEMENT_COLUMNS)
+    for p in placements:
+        table.add_row(
+            str(p["rank"]),
+            p["instance_type"],
+            p["gpu_type"],
+            str(p["tp_size"]),
+            str(p["pp_size"]),
+            f"{p['replicas']} x {p['num_instances']}",
+            p["market"],
+            p["region"],
+            f"{p['throughput_tokens_per_sec']:.0f}",
+            f"{p['cost_per_hour']:.2f}",
+            f"{p['cost_per_million_tokens']:.3f}",
+            f"{p['estimated_runtime_hours']:.2f}",
+            "met" if p["meets_slo"] else f"missed ({p.get('limited_by') or 'throughput'})",
+        )
+    return table
+
+
+@app.command()
+def plan(
+    model: str = typer.Argument(..., help="Model name, e.g. meta-llama/Llama-3.1-8B-Instruct."),
+    input_file: str = typer.Argument(
+        ...,
+        metavar="INPUT",
+        help="JSONL file of OpenAI batch requests: a local path (uploaded first) or s3://bucket/key.",
+    ),
+    slo: float = typer.Option(4.0, "--slo", min=0.01, help="Deadline for the whole job, in hours."),
+    gpu_type: str | None = typer.Option(
+        None, "--gpu-type", help="Only this GPU type, e.g. L4, L40S, A100, H100, H200, B200."
+    ),
+    on_demand: bool = typer.Option(
+        False, "--on-demand", help="On-demand instances only (default: spot and on-demand)."
+    ),
+    limit: int = typer.Option(10, "--limit", min=1, max=1000, help="Placements to show."),
+    api_url: str | None = ApiUrl,
+    as_json: bool = JsonFlag,
+) -> None:
+    """Rank where INPUT would run: placements that meet the deadline first, cheapest first.
+
+    Exits 1 when no placement fits (the reasons are printed).
+    """
+    client = _client(api_url)
+    if input_file.startswith("s3://"):
+        uri = input_file
+    else:
+        path = Path(input_file)
+        if not path.is_file():
+            _fail(f"input file {input_file} not found; give a path to a JSONL file or an s3:// URI")
+        uri = _call(client.upload, path)
+    body: dict[str, Any] = {
+        "model_name": model,
+        "input_file": uri,
+        "slo_deadline_hours": slo,
+        "limit": limit,
+    }
+    if gpu_type:
+        body["gpu_type"] = gpu_type
+    if on_demand:
+        body["on_demand"] = True
+    result = _call(client.post, "/test/placement", body)
+    if as_json:
+        _print_json(result)
+    else:
+        stats = result["input_stats"]
+        console.print(
+            f"{result['model']['name']}: {stats['num_lines']} requests, about "
+            f"{stats['total_tokens']} tokens, max_model_len {stats['max_model_len']}, deadline "
+            f"{result['slo_deadline_hours']} h"
+        )
+        if result["placements"]:
+            console.print(_placement_table(result["placements"]))
+        console.print(
+            f"{result['placements_total']} placements, {len(result['dropped'])} dropped "
+            "(--json lists the reasons)"
+        )
+        for warning in result.get("warnings") or []:
+            errors.print(f"[yellow]warning:[/yellow] {warning}", highlight=False, soft_wrap=True)
+    if not result["placements"]:
+        _fail(f"no placement fits: {result.get('reason')}")
 
 
 def main() -> None:

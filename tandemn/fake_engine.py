@@ -3,7 +3,9 @@
 It has a fixed number of slots; a request waits for a free slot and holds it for
 ``max_tokens * ms_per_token`` milliseconds, then answers a chat or text completion whose content
 is deterministic. Prompts longer than ``--context`` characters get HTTP 400, as llama.cpp does
-when a prompt exceeds the slot's context.
+when a prompt exceeds the slot's context. A request with ``"stream": true`` gets server-sent
+events, one token every ``ms_per_token``, and the connection is closed after the stream, as
+llama.cpp's llama-server does.
 
 Run: ``python -m tandemn.fake_engine --port 18080 --slots 4`` (listens on 127.0.0.1 only).
 """
@@ -89,6 +91,48 @@ class FakeEngine:
             "usage": usage,
         }
 
+    def stream(self, path: str, body: dict[str, Any]):
+        """Yields the server-sent events of a streamed completion, one token at a time."""
+        prompt = self.prompt_text(body)
+        tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
+        chat = path.endswith("/chat/completions")
+        header = {
+            "id": f"cmpl-{uuid.uuid4().hex[:12]}",
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": "fake-engine",
+        }
+        with self.slots:
+            with self.lock:
+                self.running += 1
+            for index in range(tokens):
+                time.sleep(self.ms_per_token / 1000.0)
+                text = "ok" if index == 0 else " ok"
+                choice = (
+                    {"index": 0, "delta": {"content": text}, "finish_reason": None}
+                    if chat
+                    else {"index": 0, "text": text, "finish_reason": None}
+                )
+                yield {**header, "choices": [choice]}
+            with self.lock:
+                self.running -= 1
+                self.completed += 1
+                self.generated_tokens += tokens
+                self.prompt_tokens += max(1, len(prompt) // 4)
+        if chat:
+            last = {"index": 0, "delta": {}, "finish_reason": "length"}
+        else:
+            last = {"index": 0, "text": "", "finish_reason": "length"}
+        yield {**header, "choices": [last]}
+        if (body.get("stream_options") or {}).get("include_usage"):
+            prompt_tokens = max(1, len(prompt) // 4)
+            usage = {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": tokens,
+                "total_tokens": prompt_tokens + tokens,
+            }
+            yield {**header, "choices": [], "usage": usage}
+
     def metrics_text(self) -> str:
         with self.lock:
             return (
@@ -135,8 +179,23 @@ def make_handler(engine: FakeEngine) -> type[BaseHTTPRequestHandler]:
             if self.path not in ("/v1/chat/completions", "/v1/completions"):
                 self._send(404, {"error": {"message": f"no route {self.path}"}})
                 return
+            # A prompt over the context gets the same 400 whether or not it asked to stream.
+            if body.get("stream") and len(engine.prompt_text(body)) <= engine.context_chars:
+                self._stream(body)
+                return
             status, payload = engine.complete(self.path, body)
             self._send(status, payload)
+
+        def _stream(self, body: dict[str, Any]) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            for event in engine.stream(self.path, body):
+                self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
+                self.wfile.flush()
+            self.wfile.write(b"data: [DONE]\n\n")
+            self.close_connection = True
 
     return Handler
 

@@ -96,7 +96,11 @@ class LocalProvider:
             *self.engine.extra_arguments,
         ]
 
-    def launch(self, job_id: str, replica_id: str, token: str, config: dict[str, Any]) -> None:
+    def launch(
+        self, job_id: str, replica_id: str, token: str, config: dict[str, Any]
+    ) -> dict[str, Any]:
+        # A relaunch of the same replica (its next placement candidate) replaces the old one.
+        self.terminate(job_id, replica_id)
         port = free_port()
         engine_log = open(self.log_dir / f"{replica_id}.engine.log", "ab")
         sidecar_log = open(self.log_dir / f"{replica_id}.sidecar.log", "ab")
@@ -148,6 +152,7 @@ class LocalProvider:
                 "engine_port": port,
             },
         )
+        return {"instance_id": f"local-{sidecar.pid}", "instance_type": "local"}
 
     def terminate(self, job_id: str, replica_id: str) -> None:
         """Stops a replica at once (a kill): SIGKILL to both processes."""

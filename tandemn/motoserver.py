@@ -5,6 +5,9 @@ pass the same condition (measured with moto 5.2.5). The chunk queue's correctnes
 conditional writes being atomic, as they are on DynamoDB, so every DynamoDB request here runs
 under one lock. Other services (S3 reads and writes of chunk data) run concurrently.
 
+With ``--lambda-url`` it also executes state machines (moto's Step Functions interpreter) and
+sends their Lambda tasks to the local stack's API process.
+
 Run: ``python -m tandemn.motoserver --port 26337`` (listens on 127.0.0.1 only).
 """
 
@@ -75,12 +78,35 @@ class ThreadedServer:
         self.server.server_close()
 
 
+def enable_state_machines(lambda_url: str, secret: str) -> None:
+    """Executes state machines in this server, their Lambda tasks in the process at ``lambda_url``.
+
+    The local stack's API process runs the app; ``tandemn/lambda_bridge.py`` carries each Lambda
+    invocation of the interpreter there.
+    """
+    from moto.core.config import default_user_config
+
+    from tandemn import lambda_bridge
+
+    lambda_bridge.enable_execution(default_user_config)
+    lambda_bridge.install_forwarding(lambda_url, secret)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=26337, help="TCP port on 127.0.0.1")
+    parser.add_argument(
+        "--lambda-url",
+        default=None,
+        help="127.0.0.1 URL of the process that runs the state machines' Lambda tasks; the "
+        "bridge secret comes from $TANDEMN_LAMBDA_BRIDGE_SECRET; default: state machines do "
+        "not execute",
+    )
     args = parser.parse_args()
     # moto's Step Functions interpreter calls other services at localhost:$MOTO_PORT.
     os.environ["MOTO_PORT"] = str(args.port)
+    if args.lambda_url:
+        enable_state_machines(args.lambda_url, os.environ.get("TANDEMN_LAMBDA_BRIDGE_SECRET", ""))
     server = build_server(args.port)
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
     logging.basicConfig(level=logging.WARNING)

@@ -16,6 +16,10 @@ TABLE_SETTINGS = {
     "JobsTable": "jobs_table",
     "ChunksTable": "chunks_table",
     "ReplicasTable": "replicas_table",
+    "MetricsTable": "metrics_table",
+    "EventsTable": "events_table",
+    "ConnectionsTable": "connections_table",
+    "RunsTable": "runs_table",
 }
 
 

@@ -1,9 +1,10 @@
 """The local stack: the whole control plane on 127.0.0.1 with no AWS account.
 
-One process supervises: a moto server (a child process, DynamoDB requests serialised), the
-tables and bucket created from ``infra/template.json``, the Chalice app served by Chalice's
-local server with the ``local`` stage, a timer that runs the watchdog (moto never fires
-schedules), and the local provider that runs each replica as an engine plus a sidecar.
+One process supervises the parts. A moto server runs as a child process (DynamoDB requests
+serialised, state machines executed), with the tables, bucket and state machines of ``infra/``.
+Chalice's local server serves the app with the ``local`` stage, a timer runs the watchdog (moto
+never fires schedules), and the local provider runs each replica as an engine plus a sidecar.
+The state machines' Lambda tasks run in this process, through the Lambda bridge.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -40,6 +42,12 @@ class StackOptions:
     # None keeps the provider's default (half the cores).
     engine_threads: int | None = None
     log_dir: Path = PROJECT_DIR / ".cache" / "local" / "logs"
+    # Lifecycle timing of the local replicas, which start in seconds: a swap checks its new
+    # replicas every swap_poll_seconds and gives the old ones drain_seconds to finish.
+    ready_timeout_seconds: int = 300
+    ready_heartbeat_seconds: int = 120
+    swap_poll_seconds: int = 2
+    drain_seconds: int = 10
 
 
 def _wait_for_port(port: int, timeout: float, process: subprocess.Popen | None = None) -> None:
@@ -79,6 +87,7 @@ class LocalStack:
         self._stop = threading.Event()
         self._watchdog_thread: threading.Thread | None = None
         self.provider = None
+        self._lambda_bridge = None
 
     def start(self) -> LocalStack:
         for port in (self.options.api_port, self.moto_port):
@@ -90,13 +99,21 @@ class LocalStack:
         environment = _stage_environment("local")
         environment["AWS_ENDPOINT_URL"] = self.moto_url
         environment["TANDEMN_PROVIDER"] = "local"
+        environment["TANDEMN_READY_TIMEOUT_SECONDS"] = str(self.options.ready_timeout_seconds)
+        environment["TANDEMN_READY_HEARTBEAT_SECONDS"] = str(self.options.ready_heartbeat_seconds)
+        environment["TANDEMN_SWAP_POLL_SECONDS"] = str(self.options.swap_poll_seconds)
+        environment["TANDEMN_DRAIN_SECONDS"] = str(self.options.drain_seconds)
+        # Local sidecars inherit this: they learn of a swap or a kill within 5 s.
+        environment["TANDEMN_HEARTBEAT_INTERVAL"] = "5"
         if self.options.lease_seconds:
             environment["TANDEMN_LEASE_SECONDS"] = str(self.options.lease_seconds)
         os.environ.update(environment)
         self._environment = environment
         try:
+            self._start_lambda_bridge()
             self._start_moto()
             self._create_resources()
+            self._create_state_machines()
             self._start_provider()
             self._start_api()
             self._start_watchdog()
@@ -105,15 +122,32 @@ class LocalStack:
             raise
         return self
 
+    def _start_lambda_bridge(self) -> None:
+        # The moto server executes the state machines; their Lambda tasks come back here, where
+        # the app and the local provider run (tandemn/lambda_bridge.py).
+        from tandemn.lambda_bridge import LambdaDispatcher
+
+        self._lambda_bridge = LambdaDispatcher(secrets.token_urlsafe(24)).start()
+
     def _start_moto(self) -> None:
         log_dir = self.options.log_dir
         log_dir.mkdir(parents=True, exist_ok=True)
         log = open(log_dir / "moto.log", "ab")
+        environment = {**os.environ, "TANDEMN_LAMBDA_BRIDGE_SECRET": self._lambda_bridge.secret}
         self._moto = subprocess.Popen(
-            [sys.executable, "-m", "tandemn.motoserver", "--port", str(self.moto_port)],
+            [
+                sys.executable,
+                "-m",
+                "tandemn.motoserver",
+                "--port",
+                str(self.moto_port),
+                "--lambda-url",
+                self._lambda_bridge.url,
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            env=environment,
             start_new_session=True,
         )
         log.close()
@@ -126,6 +160,16 @@ class LocalStack:
 
         aws.reset_clients()
         create_resources(aws.client("dynamodb"), aws.client("s3"), load_settings())
+
+    def _create_state_machines(self) -> None:
+        from chalicelib import aws
+        from tandemn import statemachines
+
+        arns = statemachines.create_local_state_machines(
+            aws.client("stepfunctions"), os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
+        )
+        statemachines.export_machine_arns(arns, self._environment)
+        statemachines.export_machine_arns(arns)
 
     def _start_provider(self) -> None:
         from chalicelib import providers
@@ -151,6 +195,7 @@ class LocalStack:
         # Loading the app copies the stage's variables into os.environ, the fixed moto port of
         # the `local` stage included; this stack's own ports win.
         os.environ.update(self._environment)
+        self._lambda_bridge.set_handlers(app.handler_map)
         self._server = factory.create_local_server(app, config, "127.0.0.1", self.options.api_port)
         self._server_thread = threading.Thread(
             target=self._server.server.serve_forever, name="chalice-local", daemon=True
@@ -193,6 +238,9 @@ class LocalStack:
                     self._moto.kill()
                     self._moto.wait(timeout=5)
             self._moto = None
+        if self._lambda_bridge is not None:
+            self._lambda_bridge.stop()
+            self._lambda_bridge = None
 
     def __enter__(self) -> LocalStack:
         return self.start()

@@ -44,3 +44,7 @@ def client(aws_account):
 
     with Client(app, stage_name="test", project_dir=str(PROJECT_DIR)) as test_client:
         yield test_client
+
+
+# The state machine fixture: moto executes the state machines, their tasks run the app's handlers.
+from tests.lifecycle_support import lifecycle_stack  # noqa: F401

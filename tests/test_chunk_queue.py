@@ -377,3 +377,12 @@ def test_progress_route_is_exact(client, aws_account, job):
         "all_done": False,
         "job_status": "queued",
     }
+
+
+def test_complete_with_unknown_token_is_lease_lost(client, aws_account, job):
+    job_id, [(replica, token), _] = job
+    lease = support.pull(client, job_id, replica, token).json_body
+    forged = {**lease, "lease_token": "q" * 22, "output_key": None}
+    response = support.complete(client, job_id, replica, token, forged)
+    assert response.status_code == 409
+    assert response.json_body["code"] == "lease_lost"

@@ -211,3 +211,16 @@ def test_watchdog_restarts_stale_validation(client, aws_account, monkeypatch):
     monkeypatch.setattr(watchdog, "_now", lambda: 10**10)
     watchdog.run_once(aws_account)
     assert jobs.get_job(aws_account, job_id)["status"] == "queued"
+
+
+def test_forged_page_token_is_400(client, aws_account):
+    import base64
+
+    forged = base64.urlsafe_b64encode(json.dumps({"job_id": {"S": "zzz"}}).encode()).decode()
+    response = support.get(client, f"/jobs?next_token={forged}")
+    assert response.status_code == 400
+    assert response.json_body["field"] == "next_token"
+    bad_number = base64.urlsafe_b64encode(
+        json.dumps({"job_id": "a-b", "created_at": "abc"}).encode()
+    ).decode()
+    assert support.get(client, f"/jobs?next_token={bad_number}").status_code == 400

@@ -1,0 +1,181 @@
+"""CLI commands that change a job's replicas: ``add``, ``kill``, ``swap`` and ``replicas``."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tandemn.api_client import ApiClient, ApiError, default_api_url
+
+console = Console()
+errors = Console(stderr=True)
+
+ApiUrl = typer.Option(
+    None,
+    "--api-url",
+    help="Control-plane URL (default: $TANDEMN_API_URL or http://127.0.0.1:26336).",
+)
+JsonFlag = typer.Option(False, "--json", help="Print the API's JSON instead of a summary.")
+GpuType = typer.Option(None, "--gpu-type", help="GPU type, e.g. L4, L40S, A100, H100.")
+TpSize = typer.Option(None, "--tp", help="Tensor parallel size (1, 2, 4 or 8).")
+PpSize = typer.Option(None, "--pp", help="Pipeline parallel size (1 to 4).")
+OnDemand = typer.Option(
+    None,
+    "--on-demand/--spot",
+    help="On-demand or spot instances only (default: spot first, then on-demand).",
+)
+Force = typer.Option(False, "--force", help="Skip the checks that protect against idle replicas.")
+ReplicaIds = typer.Argument(..., help="Replica ids, as `tandemn replicas` lists them.")
+
+
+def _call(function: Any, *args: Any) -> Any:
+    try:
+        return function(*args)
+    except ApiError as error:
+        errors.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from error
+
+
+def _placement(gpu_type: str | None, tp: int | None, pp: int | None, on_demand: bool | None):
+    body: dict[str, Any] = {}
+    for name, value in (
+        ("gpu_type", gpu_type),
+        ("tp_size", tp),
+        ("pp_size", pp),
+        ("on_demand", on_demand),
+    ):
+        if value is not None:
+            body[name] = value
+    return body
+
+
+def add(
+    job_id: str = typer.Argument(..., help="Job that gets the replicas."),
+    count: int = typer.Option(1, "--count", "-n", min=1, max=256, help="Replicas to add."),
+    gpu_type: str | None = GpuType,
+    tp: int | None = TpSize,
+    pp: int | None = PpSize,
+    on_demand: bool | None = OnDemand,
+    force: bool = Force,
+    api_url: str | None = ApiUrl,
+    as_json: bool = JsonFlag,
+) -> None:
+    """Add replicas to a job. Placement fields you leave out come from its current replicas."""
+    body = {"count": count, "force": force, **_placement(gpu_type, tp, pp, on_demand)}
+    client = ApiClient(api_url or default_api_url())
+    result = _call(client.post, f"/job/{job_id}/scale", body)
+    if as_json:
+        console.print_json(json.dumps(result))
+        return
+    console.print(
+        f"job {job_id}: {len(result['new_replicas'])} replicas added (version "
+        f"{result['version']}): {', '.join(result['new_replicas'])}"
+    )
+
+
+def kill(
+    job_id: str = typer.Argument(..., help="Job whose replicas to stop."),
+    replica_ids: list[str] = ReplicaIds,
+    api_url: str | None = ApiUrl,
+    as_json: bool = JsonFlag,
+) -> None:
+    """Stop replicas at once. Their leased chunks go back to the queue without spending retries."""
+    client = ApiClient(api_url or default_api_url())
+    result = _call(client.post, f"/job/{job_id}/kill", {"replica_ids": replica_ids})
+    if as_json:
+        console.print_json(json.dumps(result))
+        return
+    console.print(
+        f"killed {', '.join(result['killed']) or 'none'}; {result['reclaimed']} chunks returned"
+    )
+    for skipped in result["skipped"]:
+        console.print(f"skipped {skipped['replica_id']}: {skipped['reason']}")
+    if not result["killed"]:
+        raise typer.Exit(1)
+
+
+def swap(
+    job_id: str = typer.Argument(..., help="Job whose replicas to replace."),
+    gpu_type: str | None = GpuType,
+    tp: int | None = TpSize,
+    pp: int | None = PpSize,
+    replicas: int | None = typer.Option(
+        None, "--replicas", min=1, max=256, help="New replicas (default: as many as run now)."
+    ),
+    ready_threshold: int | None = typer.Option(
+        None,
+        "--ready-threshold",
+        min=1,
+        help="New replicas that must complete a chunk before the old ones drain (default: all).",
+    ),
+    on_demand: bool | None = OnDemand,
+    force: bool = Force,
+    cancel: bool = typer.Option(False, "--cancel", help="Abort the swap in progress."),
+    api_url: str | None = ApiUrl,
+    as_json: bool = JsonFlag,
+) -> None:
+    """Replace a job's replicas with new ones without losing a request, or cancel a swap."""
+    if cancel:
+        body: dict[str, Any] = {"cancel": True}
+    else:
+        body = {"force": force, **_placement(gpu_type, tp, pp, on_demand)}
+        if replicas is not None:
+            body["num_replicas"] = replicas
+        if ready_threshold is not None:
+            body["ready_threshold"] = ready_threshold
+    client = ApiClient(api_url or default_api_url())
+    result = _call(client.post, f"/job/{job_id}/swap", body)
+    if as_json:
+        console.print_json(json.dumps(result))
+        return
+    if cancel:
+        console.print(
+            f"job {job_id}: swap version {result['version']} cancelling; the new replicas "
+            f"{', '.join(result['new_replicas'])} stop and the old ones stay"
+        )
+        return
+    console.print(
+        f"job {job_id}: swap version {result['version']} started; "
+        f"{', '.join(result['old_replicas']) or 'no replica'} drain once "
+        f"{result['ready_threshold']} of {', '.join(result['new_replicas'])} have completed a chunk"
+    )
+
+
+def replicas_command(
+    job_id: str = typer.Argument(..., help="Job whose replicas to list."),
+    api_url: str | None = ApiUrl,
+    as_json: bool = JsonFlag,
+) -> None:
+    """List a job's replicas: phase, placement and last heartbeat."""
+    client = ApiClient(api_url or default_api_url())
+    result = _call(client.get, f"/job/{job_id}/replicas")
+    if as_json:
+        console.print_json(json.dumps(result))
+        return
+    table = Table("replica", "phase", "provider", "GPU", "tp", "pp", "market", "heartbeat")
+    now = time.time()
+    for replica in result["replicas"]:
+        beat = replica.get("last_heartbeat")
+        table.add_row(
+            replica["replica_id"],
+            replica["phase"],
+            str(replica.get("provider")),
+            str(replica.get("gpu_type") or "-"),
+            str(replica.get("tp_size") or "-"),
+            str(replica.get("pp_size") or "-"),
+            str(replica.get("market") or "-"),
+            f"{now - beat:.0f} s ago" if beat else "-",
+        )
+    console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(add)
+    app.command()(kill)
+    app.command()(swap)
+    app.command("replicas")(replicas_command)

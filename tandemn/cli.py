@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from tandemn import cli_metrics, cli_replicas
-from tandemn.api_client import ApiClient, ApiError, default_api_url
+from tandemn.api_client import ApiClient
+from tandemn.cli_common import _call, _client, _fail, _print_json, console, errors
 
 app = typer.Typer(
     help="Batch LLM inference on GPUs: submit, watch and collect jobs.", no_args_is_help=True
@@ -26,8 +26,6 @@ local_app = typer.Typer(
 )
 app.add_typer(local_app, name="local")
 
-console = Console()
-errors = Console(stderr=True)
 
 TERMINAL_STATUSES = {"succeeded", "completed_with_errors", "failed", "cancelled"}
 PID_FILE = Path(__file__).resolve().parent.parent / ".cache" / "local" / "stack.pid"
@@ -42,24 +40,6 @@ ApiUrl = typer.Option(
 JsonFlag = typer.Option(False, "--json", help="Print the API's JSON instead of a table.")
 
 
-def _client(api_url: str | None) -> ApiClient:
-    return ApiClient(api_url or default_api_url())
-
-
-def _fail(message: str, code: int = 1) -> None:
-    errors.print(f"[red]error:[/red] {message}", highlight=False, markup=True, soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def _call(function, *args: Any, **kwargs: Any) -> Any:
-    try:
-        return function(*args, **kwargs)
-    except ApiError as error:
-        _fail(str(error))
-
-
-def _print_json(data: Any) -> None:
-    console.print_json(json.dumps(data, default=str))
 
 
 @app.command()

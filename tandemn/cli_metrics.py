@@ -8,14 +8,12 @@ import time
 from typing import Any
 
 import typer
-from rich.console import Console, Group
+from rich.console import Group
 from rich.live import Live
 from rich.table import Table
 
-from tandemn.api_client import ApiClient, ApiError, default_api_url
-
-console = Console()
-errors = Console(stderr=True)
+from tandemn.api_client import ApiClient, ApiError
+from tandemn.cli_common import _call, _client, _fail, _print_json, console, errors  # noqa: F401
 
 TERMINAL_STATUSES = {"succeeded", "completed_with_errors", "failed", "cancelled"}
 
@@ -53,24 +51,6 @@ SNAPSHOT_ROWS: list[tuple[str, tuple[str, ...], str]] = [
 ]
 
 
-def _client(api_url: str | None) -> ApiClient:
-    return ApiClient(api_url or default_api_url())
-
-
-def _fail(message: str, code: int = 1) -> None:
-    errors.print(f"[red]error:[/red] {message}", highlight=False, markup=True, soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def _call(function, *args: Any, **kwargs: Any) -> Any:
-    try:
-        return function(*args, **kwargs)
-    except ApiError as error:
-        _fail(str(error))
-
-
-def _print_json(data: Any) -> None:
-    console.print_json(json.dumps(data, default=str))
 
 
 def _format(value: Any) -> str:

@@ -49,6 +49,11 @@ def _field_error(error: dict[str, Any], model: type[BaseModel]) -> dict[str, Any
     return entry
 
 
+def _reject_constant(name: str) -> Any:
+    # Python's json module accepts NaN and Infinity, which JSON does not allow.
+    raise ValueError(f"{name} is not valid JSON; numbers must be finite")
+
+
 def parse_body(model: type[Model], raw_body: bytes | None) -> Model:
     raw = raw_body or b""
     if len(raw) > MAX_BODY_BYTES:
@@ -59,11 +64,12 @@ def parse_body(model: type[Model], raw_body: bytes | None) -> Model:
         data: Any = {}
     else:
         try:
-            data = json.loads(raw)
+            data = json.loads(raw, parse_constant=_reject_constant)
         except (ValueError, UnicodeDecodeError) as error:
             raise InvalidRequest(f"request body is not valid JSON: {error}") from error
     if not isinstance(data, dict):
-        raise InvalidRequest(f"request body must be a JSON object, got {type(data).__name__}")
+        kind = "null" if data is None else type(data).__name__
+        raise InvalidRequest(f"request body must be a JSON object, got {kind}")
     try:
         return model.model_validate(data)
     except ValidationError as error:

@@ -224,3 +224,11 @@ def test_forged_page_token_is_400(client, aws_account):
         json.dumps({"job_id": "a-b", "created_at": "abc"}).encode()
     ).decode()
     assert support.get(client, f"/jobs?next_token={bad_number}").status_code == 400
+
+
+def test_nan_in_body_is_rejected(client, aws_account):
+    body = b'{"model_name": "m", "input_file": "s3://b/k", "slo_deadline_hours": NaN}'
+    response = client.http.post("/submit/batch", headers={"Content-Type": "application/json"}, body=body)
+    assert response.status_code == 400
+    assert "NaN" in response.json_body["message"]
+    assert "finite" in response.json_body["message"]

@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LLAMA_SERVER := .cache/llama.cpp/bin/llama-server
 
-.PHONY: venv engine test test-fast demo lint package clean
+.PHONY: venv engine chromium test test-fast demo lint openapi package clean
 
 venv: $(STAMP)
 
@@ -24,10 +24,19 @@ engine: $(LLAMA_SERVER)
 $(LLAMA_SERVER): scripts/build_llama_server.sh | $(STAMP)
 	PYTHON=$(BIN)/python scripts/build_llama_server.sh
 
-test: venv engine
+# The dashboard's browser tests drive Debian's Chromium through Playwright (Playwright's own
+# browser download is never used). The test machines run as root, so apt-get needs no sudo.
+CHROMIUM := /usr/bin/chromium
+
+chromium: $(CHROMIUM)
+
+$(CHROMIUM):
+	apt-get update && apt-get install -y --no-install-recommends chromium
+
+test: venv engine chromium
 	$(BIN)/python -m pytest -q
 
-test-fast: venv
+test-fast: venv chromium
 	$(BIN)/python -m pytest -q -m "not slow"
 
 demo: venv engine
@@ -35,6 +44,11 @@ demo: venv engine
 
 lint: venv
 	$(BIN)/ruff check .
+
+# docs/openapi.json, generated from app.py's routes and the pydantic models; tests/test_openapi.py
+# fails when it is out of date.
+openapi: venv
+	$(BIN)/python -m chalicelib.openapi docs/openapi.json
 
 # The CloudFormation template (out/package/sam.json, with deployment.zip) and the sidecar bundle
 # (out/sidecar.zip) of the dev stage; README "Deploy to AWS" deploys them. The first run needs

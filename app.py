@@ -672,3 +672,101 @@ def list_resources():
 @handle_errors
 def quota_status():
     return json_response(quotas.status_view(quotas.source_from_env(), quotas.regions_from_env()))
+
+
+# Job cancellation: the job ends `cancelled` and its replicas stop (chalicelib/cancel.py).
+from chalicelib import cancel
+from chalicelib.models import CancelRequest
+
+
+@app.route("/job/{job_id}/cancel", methods=["POST"], content_types=JSON, authorizer=iam)
+@handle_errors
+def cancel_job(job_id):
+    job_id = path_id(job_id, "job_id")
+    request = _body(CancelRequest)
+    return json_response(cancel.cancel_job(load_settings(), job_id, reason=request.reason))
+
+
+# The OpenAPI document of this API (chalicelib/openapi.py). It is served without credentials:
+# it contains only the route table and the request schemas, the same text as docs/openapi.json
+# in the repository, and no job data.
+@app.route("/openapi.json", methods=["GET"])
+@handle_errors
+def openapi_document():
+    # Imported here, so cold starts of the other routes do not load the generator.
+    from chalicelib import openapi
+
+    return json_response(openapi.cached_document(app))
+
+
+# The web dashboard (chalicelib/dashboard.py): the page, its payload by polling and by
+# server-sent events, and its tokens. Browsers cannot sign SigV4, so these routes carry no IAM
+# authorizer. Outside the local stage each checks a dashboard token that the IAM-signed
+# POST /dashboard/token issues.
+from chalicelib import dashboard
+from chalicelib.models import DashboardTokenRequest
+
+
+def _dashboard_settings():
+    settings = load_settings()
+    request = app.current_request
+    dashboard.authorize(settings, request.headers, request.query_params)
+    return settings
+
+
+@app.route("/dashboard", methods=["GET"])
+@handle_errors
+def dashboard_page():
+    html, headers = dashboard.page(_dashboard_settings())
+    return Response(body=html, status_code=200, headers=headers)
+
+
+def _dashboard_payload(since_value):
+    settings = _dashboard_settings()
+    params = app.current_request.query_params or {}
+    return dashboard.build_payload(
+        settings, selected=params.get("job") or None, since=dashboard.parse_since(since_value)
+    )
+
+
+@app.route("/dashboard/poll", methods=["GET"])
+@handle_errors
+def dashboard_poll():
+    params = app.current_request.query_params or {}
+    payload = _dashboard_payload(params.get("since"))
+    return Response(
+        body=dashboard.encode(payload),
+        status_code=200,
+        headers={"Content-Type": "application/json", "Cache-Control": "no-store"},
+    )
+
+
+@app.route("/dashboard/stream", methods=["GET"])
+@handle_errors
+def dashboard_stream():
+    # An EventSource that reconnects sends the id of the last event it received.
+    headers = app.current_request.headers or {}
+    params = app.current_request.query_params or {}
+    payload = _dashboard_payload(headers.get("last-event-id") or params.get("since"))
+    return Response(
+        body=dashboard.sse_body(payload),
+        status_code=200,
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"},
+    )
+
+
+@app.route("/dashboard/token", methods=["POST"], content_types=JSON, authorizer=iam)
+@handle_errors
+def dashboard_token():
+    request = _body(DashboardTokenRequest)
+    identity = (app.current_request.context or {}).get("identity") or {}
+    return json_response(
+        dashboard.issue_token(load_settings(), request.ttl_seconds, identity.get("userArn"))
+    )
+
+
+@app.route("/dashboard/ws-token", methods=["POST"], content_types=JSON)
+@handle_errors
+def dashboard_websocket_token():
+    # The page cannot call the IAM-signed POST /ws/token; its dashboard token stands in.
+    return json_response(live.issue_connect_token(_dashboard_settings()))

@@ -41,6 +41,12 @@ class Settings:
     runs_table: str = "tandemn-runs"
     # Metric snapshots and events expire (DynamoDB TTL) this many days after they are written.
     metrics_ttl_days: int = 30
+    # The Chalice stage: "local" (the local stack on 127.0.0.1, where the dashboard needs no
+    # token), "test", or a deployed stage ("dev"). Unset counts as deployed.
+    stage: str = "dev"
+    # wss:// URL of the WebSocket API stage, which the dashboard page connects to; empty where
+    # there is none (the local stack: Chalice's local server serves no WebSockets).
+    websocket_url: str = ""
 
 
 def load_settings() -> Settings:
@@ -61,4 +67,6 @@ def load_settings() -> Settings:
         connections_table=os.environ.get("CONNECTIONS_TABLE", "tandemn-connections"),
         runs_table=os.environ.get("RUNS_TABLE", "tandemn-runs"),
         metrics_ttl_days=_int_env("TANDEMN_METRICS_TTL_DAYS", 30),
+        stage=os.environ.get("TANDEMN_STAGE") or "dev",
+        websocket_url=os.environ.get("TANDEMN_WEBSOCKET_URL", ""),
     )

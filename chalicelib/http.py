@@ -6,10 +6,12 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 from urllib.parse import unquote
 
+from botocore.exceptions import ClientError
 from chalice import Response
 from pydantic import BaseModel, ValidationError
 
@@ -20,7 +22,25 @@ logger = logging.getLogger(__name__)
 
 # Request bodies of this API are small JSON documents; input files travel through S3.
 MAX_BODY_BYTES = 1024 * 1024
+_QUERY_INTEGER = re.compile(r"-?[0-9]+")
 Model = TypeVar("Model", bound=BaseModel)
+# AWS error codes that mean "try again later": throttling, and the service's own 5xx. botocore's
+# standard retry mode has already retried them (5 attempts in chalicelib/aws.py) when they reach
+# a route, so the route returns 503 with Retry-After and the caller retries later.
+RETRYABLE_AWS_ERRORS = frozenset(
+    {
+        "ProvisionedThroughputExceededException",
+        "ThrottlingException",
+        "Throttling",
+        "RequestLimitExceeded",
+        "TransactionInProgressException",
+        "InternalServerError",
+        "InternalError",
+        "ServiceUnavailable",
+        "SlowDown",
+    }
+)
+RETRY_AFTER_SECONDS = 1
 
 
 def _describe(value: Any) -> str:
@@ -54,6 +74,67 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON; numbers must be finite")
 
 
+# DynamoDB stores numbers of at most 38 significant digits, between 1e-130 and 1e126 in magnitude.
+_MIN_STORED_MAGNITUDE = 1e-130
+_MAX_STORED_MAGNITUDE = 1e126
+_MAX_STORED_INTEGER = 10**38
+
+
+def _path(parent: str, key: Any) -> str:
+    if isinstance(key, int):
+        return f"{parent}[{key}]"
+    return f"{parent}.{key}" if parent else str(key)
+
+
+def _check_values(data: Any) -> None:
+    """Reject numbers that DynamoDB cannot store and strings that are not valid Unicode.
+
+    JSON allows any number and the escape of a lone UTF-16 surrogate ("\\ud800"), but DynamoDB
+    rejects such numbers and the text cannot be encoded as UTF-8, so either would fail a write
+    after the request was accepted. The walk is iterative, so deep nesting cannot overflow it.
+    """
+    pending: list[tuple[str, Any]] = [("", data)]
+    while pending:
+        path, value = pending.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                _check_text(_path(path, key), key)
+                pending.append((_path(path, key), item))
+        elif isinstance(value, list):
+            pending.extend((_path(path, index), item) for index, item in enumerate(value))
+        elif isinstance(value, str):
+            _check_text(path, value)
+        elif isinstance(value, bool) or value is None:
+            continue
+        elif isinstance(value, int) and abs(value) >= _MAX_STORED_INTEGER:
+            raise InvalidRequest(
+                f"{path or 'body'}: integer {_describe(value)} has more than 38 digits; "
+                "use a smaller number",
+                field=path or "body",
+            )
+        elif (
+            isinstance(value, float)
+            and value != 0
+            and not (_MIN_STORED_MAGNITUDE <= abs(value) < _MAX_STORED_MAGNITUDE)
+        ):
+            raise InvalidRequest(
+                f"{path or 'body'}: number {value!r} is out of range; numbers must be 0 or "
+                "between 1e-130 and 1e126 in magnitude",
+                field=path or "body",
+            )
+
+
+def _check_text(path: str, text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise InvalidRequest(
+            f"{path or 'body'}: text contains an unpaired UTF-16 surrogate escape at character "
+            f"{error.start + 1}; send valid Unicode text",
+            field=path or "body",
+        ) from error
+
+
 def parse_body(model: type[Model], raw_body: bytes | None) -> Model:
     raw = raw_body or b""
     if len(raw) > MAX_BODY_BYTES:
@@ -67,14 +148,21 @@ def parse_body(model: type[Model], raw_body: bytes | None) -> Model:
             data = json.loads(raw, parse_constant=_reject_constant)
         except (ValueError, UnicodeDecodeError) as error:
             raise InvalidRequest(f"request body is not valid JSON: {error}") from error
+        except RecursionError as error:
+            raise InvalidRequest(
+                "request body is nested too deeply to parse; flatten the JSON"
+            ) from error
     if not isinstance(data, dict):
         kind = "null" if data is None else type(data).__name__
         raise InvalidRequest(f"request body must be a JSON object, got {kind}")
     try:
-        return model.model_validate(data)
+        parsed = model.model_validate(data)
     except ValidationError as error:
         errors = [_field_error(e, model) for e in error.errors(include_url=False)]
         raise InvalidRequest("; ".join(e["message"] for e in errors), errors=errors) from error
+    # After the model's own checks, whose messages name the field's allowed range.
+    _check_values(data)
+    return parsed
 
 
 def path_id(value: str, name: str) -> str:
@@ -91,17 +179,16 @@ def query_int(params: dict[str, str] | None, name: str, default: int, low: int, 
     raw = (params or {}).get(name)
     if raw is None:
         return default
-    try:
-        value = int(raw)
-    except ValueError as error:
+    # int() also accepts "1_000", surrounding spaces and non-ASCII digits; only plain decimal
+    # digits are an integer here.
+    if not _QUERY_INTEGER.fullmatch(raw):
+        raise InvalidRequest(f"query parameter {name} {raw[:40]!r} is not an integer", field=name)
+    # The length check comes first because int() rejects strings of more than 4300 digits.
+    if len(raw) > 40 or not low <= int(raw) <= high:
         raise InvalidRequest(
-            f"query parameter {name} {raw[:40]!r} is not an integer", field=name
-        ) from error
-    if not low <= value <= high:
-        raise InvalidRequest(
-            f"query parameter {name} {value} is out of range; use {low} to {high}", field=name
+            f"query parameter {name} {raw[:40]} is out of range; use {low} to {high}", field=name
         )
-    return value
+    return int(raw)
 
 
 def json_response(body: Any, status_code: int = 200) -> Response:
@@ -125,6 +212,28 @@ def handle_errors(view: Callable[..., Any]) -> Callable[..., Any]:
                     "request rejected", extra={"status": error.status_code, "error": error.message}
                 )
             return json_response(error.to_body(), error.status_code)
+        except ClientError as error:
+            code = error.response.get("Error", {}).get("Code", "")
+            if code not in RETRYABLE_AWS_ERRORS:
+                raise
+            operation = getattr(error, "operation_name", "")
+            logger.warning(
+                "AWS request failed after retries, returning 503",
+                extra={"aws_error": code, "operation": operation, **kwargs},
+            )
+            body = {
+                "code": "service_unavailable",
+                "message": f"{operation} failed with {code} after retries; retry the request",
+                "retry_after_seconds": RETRY_AFTER_SECONDS,
+            }
+            return Response(
+                body=body,
+                status_code=503,
+                headers={
+                    "Content-Type": "application/json",
+                    "Retry-After": str(RETRY_AFTER_SECONDS),
+                },
+            )
 
     return wrapper
 

@@ -94,13 +94,18 @@ def transition_job(
     *,
     extra_set: dict[str, Any] | None = None,
     strict: bool = True,
+    sources: list[JobStatus] | None = None,
 ) -> bool:
     """Moves a job to ``target`` if the state machine allows it from its current status.
 
     With ``strict=False`` a refused move (the job is already past ``target``) returns False
     instead of raising, which is what replica phase reports need: status never moves backwards.
+    ``sources`` narrows the statuses the move is allowed from; each must be an allowed source.
     """
-    sources = job_sources_for(target)
+    allowed = job_sources_for(target)
+    if sources is not None and not set(sources) <= set(allowed):
+        raise ValueError(f"a job cannot move to {target.value!r} from {sorted(sources)}")
+    sources = allowed if sources is None else list(sources)
     names = {"#status": "status", "#updated": "updated_at"}
     values: dict[str, Any] = {":target": target.value, ":now": time.time()}
     placeholders = []
@@ -191,6 +196,9 @@ def job_view(settings: Settings, job: dict[str, Any]) -> dict[str, Any]:
         view["validation_errors"] = job["validation_errors"]
     if job.get("failure_reason"):
         view["failure_reason"] = job["failure_reason"]
+    for key in ("cancel_reason", "cancelled_at"):
+        if job.get(key) is not None:
+            view[key] = job[key]
     # Ranked placements from the solver at submit (chalicelib/placement.py), best first.
     for key in ("placement_solver", "placements", "placement_warning"):
         if job.get(key):

@@ -397,8 +397,8 @@ def _record_launched(
     settings: Settings, job_id: str, replica_id: str, attempt: int, launched: dict[str, Any]
 ) -> None:
     fields = {k: v for k, v in launched.items() if k in ("instance_id", "instance_type", "region")}
-    if not fields:
-        return
+    # A retried launch_candidate reads launched_attempt to see that this attempt launched already.
+    fields["launched_attempt"] = attempt
     names = {f"#f{i}": name for i, name in enumerate(fields)}
     values: dict[str, Any] = {f":f{i}": value for i, value in enumerate(fields.values())}
     values[":attempt"] = attempt
@@ -447,6 +447,15 @@ def launch_candidate(settings: Settings, event: dict[str, Any]) -> dict[str, Any
     ranked = replica.get("candidates") or [{}]
     index = int(replica.get("candidate_index", 0))
     attempt = int(replica.get("launch_attempt", 0))
+    if attempt and replica.get("launched_attempt") == attempt:
+        # Step Functions retries this task on Lambda service errors, which can come after the
+        # first invocation launched. Launching again would start a second instance and revoke
+        # the first one's token. abandon_candidate clears launched_attempt before the next launch.
+        logger.info(
+            "launch task repeated, the attempt launched already",
+            extra={"job_id": job_id, "replica_id": replica_id, "attempt": attempt},
+        )
+        return {"outcome": "launched", "candidate_index": index, "attempt": attempt}
     while index < len(ranked):
         candidate = ranked[index]
         attempt += 1
@@ -646,6 +655,15 @@ def abandon_candidate(settings: Settings, event: dict[str, Any]) -> dict[str, An
     error = event.get("error") or "unknown"
     cause = str(event.get("cause") or "")
     replica = _require_replica(settings, job_id, replica_id)
+    index = int(replica.get("candidate_index", 0))
+    attempt = int(replica.get("launch_attempt", 0))
+    if attempt and replica.get("abandoned_attempt") == attempt:
+        # The first invocation moved on already, so moving again would skip a candidate.
+        logger.info(
+            "abandon task repeated, the attempt was abandoned already",
+            extra={"job_id": job_id, "replica_id": replica_id, "attempt": attempt},
+        )
+        return {"candidate_index": index, "reason": replica.get("abandon_reason", "")}
     provider = providers.get(replica.get("provider", "external"))
     if provider is not None:
         provider.terminate(job_id, replica_id)
@@ -659,19 +677,18 @@ def abandon_candidate(settings: Settings, event: dict[str, Any]) -> dict[str, An
         "ReplicaPreempted": f"spot instance interrupted before it was ready: {cause}",
     }
     reason = reasons.get(error, f"{error}: {cause}")[:MAX_REASON_CHARS]
-    index = int(replica.get("candidate_index", 0))
-    attempt = int(replica.get("launch_attempt", 0))
     ranked = replica.get("candidates") or [{}]
     candidate = ranked[index] if index < len(ranked) else {}
     record = _attempt_record(attempt, index, candidate, outcome="abandoned", reason=reason)
     _append_attempt(settings, job_id, replica_id, record)
     condition, values = _phase_condition(STARTING, "st")
-    values.update({":next": index + 1, ":attempt": attempt, ":now": time.time()})
+    values.update({":next": index + 1, ":attempt": attempt, ":now": time.time(), ":reason": reason})
     moved = _update_replica(
         settings,
         job_id,
         replica_id,
-        "SET candidate_index = :next, updated_at = :now REMOVE launch_task_token, instance_id",
+        "SET candidate_index = :next, updated_at = :now, abandoned_attempt = :attempt, "
+        "abandon_reason = :reason REMOVE launch_task_token, instance_id, launched_attempt",
         values,
         condition + " AND launch_attempt = :attempt",
     )

@@ -10,12 +10,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 # Job and replica ids appear in S3 keys and URL paths, so they are limited to a safe alphabet.
 ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,79}$"
@@ -29,8 +31,25 @@ LeaseToken = Annotated[
 ]
 
 
+def _reject_boolean(value: Any) -> Any:
+    # A Literal of integers matches true as 1, even in strict mode, so booleans are rejected here.
+    if isinstance(value, bool):
+        raise PydanticCustomError("int_type", "Input should be an integer, not a boolean")
+    return value
+
+
+TensorParallelSize = Annotated[Literal[1, 2, 4, 8], BeforeValidator(_reject_boolean)]
+PipelineParallelSize = Annotated[Literal[1, 2, 3, 4], BeforeValidator(_reject_boolean)]
+
+
 class RequestModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    # defer_build: pydantic builds a model's validator on its first use, not at import, so a
+    # Lambda cold start builds only the models of the route it serves (bench/cold_start.py).
+    # strict: a JSON string is never converted to a number, so "2" for replicas is rejected.
+    # Only true and false are booleans ("yes" for force is rejected). Integers are valid floats.
+    model_config = ConfigDict(
+        extra="forbid", str_strip_whitespace=True, defer_build=True, strict=True
+    )
 
 
 class ModelArchitectureSpec(RequestModel):
@@ -78,8 +97,8 @@ class SubmitBatchRequest(RequestModel):
     slo_deadline_hours: float = Field(default=4.0, gt=0, le=720)
     placement_solver: Literal["roofline", "user_specified"] | None = None
     gpu_type: str | None = Field(default=None, min_length=1, max_length=32)
-    tp_size: Literal[1, 2, 4, 8] | None = None
-    pp_size: Literal[1, 2, 3, 4] | None = None
+    tp_size: TensorParallelSize | None = None
+    pp_size: PipelineParallelSize | None = None
     replicas: int | None = Field(default=None, ge=1, le=1024)
     chunk_size: int = Field(default=1000, ge=1, le=100_000, description="requests per chunk")
     max_output_tokens: int | None = Field(default=None, ge=1, le=1_048_576)
@@ -102,6 +121,9 @@ class SubmitBatchRequest(RequestModel):
 
 
 class SubmitBatchResponse(BaseModel):
+    # Built on first use, like the request models; the OpenAPI document is its only user.
+    model_config = ConfigDict(defer_build=True)
+
     status: Literal["queued", "validating"]
     job_id: str
     chunks: int
@@ -156,13 +178,16 @@ class ScaleRequest(RequestModel):
         default=None, description="where the replicas run; default: the stage's provider"
     )
     gpu_type: str | None = Field(default=None, max_length=32)
-    tp_size: Literal[1, 2, 4, 8] | None = None
-    pp_size: Literal[1, 2, 3, 4] | None = None
+    tp_size: TensorParallelSize | None = None
+    pp_size: PipelineParallelSize | None = None
     on_demand: bool | None = None
     force: bool = False
 
 
 class Progress(BaseModel):
+    # Built on first use, like the request models.
+    model_config = ConfigDict(defer_build=True)
+
     total: int
     pending: int
     inflight: int
@@ -177,8 +202,8 @@ class KillRequest(RequestModel):
 
 class SwapRequest(RequestModel):
     gpu_type: str | None = Field(default=None, max_length=32)
-    tp_size: Literal[1, 2, 4, 8] | None = None
-    pp_size: Literal[1, 2, 3, 4] | None = None
+    tp_size: TensorParallelSize | None = None
+    pp_size: PipelineParallelSize | None = None
     num_replicas: int | None = Field(
         default=None, ge=1, le=256, description="new replicas; default: as many as run now"
     )
@@ -273,8 +298,8 @@ class PlacementRequest(RequestModel):
     max_output_tokens: int | None = Field(default=None, ge=1, le=1_048_576)
     placement_solver: Literal["roofline", "user_specified"] | None = None
     gpu_type: str | None = Field(default=None, min_length=1, max_length=32)
-    tp_size: Literal[1, 2, 4, 8] | None = None
-    pp_size: Literal[1, 2, 3, 4] | None = None
+    tp_size: TensorParallelSize | None = None
+    pp_size: PipelineParallelSize | None = None
     on_demand: bool | None = Field(
         default=None, description="true: on-demand only; false or absent: spot and on-demand"
     )
@@ -287,3 +312,19 @@ class PlacementRequest(RequestModel):
         if value == "llm":
             raise ValueError("the 'llm' solver is not offered; use 'roofline' or 'user_specified'")
         return value
+
+
+class CancelRequest(RequestModel):
+    """Body of ``POST /job/{id}/cancel``; an empty body is accepted."""
+
+    reason: str | None = Field(
+        default=None, max_length=500, description="why the job was cancelled, stored on the job"
+    )
+
+
+class DashboardTokenRequest(RequestModel):
+    """Body of ``POST /dashboard/token``; an empty body is accepted."""
+
+    ttl_seconds: int = Field(
+        default=3600, ge=60, le=12 * 3600, description="seconds the dashboard token stays valid"
+    )

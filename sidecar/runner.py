@@ -69,6 +69,7 @@ class ChunkWork:
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
     stop_reason: StopReason | None = None
     task: asyncio.Task | None = None
+    renewer: asyncio.Task | None = None
 
     def stop(self, reason: StopReason) -> None:
         if self.stop_reason is None:
@@ -350,6 +351,7 @@ class Runner:
 
     async def _run_chunk(self, work: ChunkWork) -> None:
         renewer = asyncio.create_task(self._keep_renewed(work))
+        work.renewer = renewer
         try:
             await self._process_chunk(work, renewer)
         except ChunkStopped as stop:
@@ -573,6 +575,9 @@ class Runner:
     async def _release(
         self, work: ChunkWork, reason: ReleaseReason, error: str | None = None
     ) -> None:
+        # A renewal racing the release would find the lease gone and log it as lost.
+        if work.renewer is not None:
+            work.renewer.cancel()
         try:
             await self.control.release(work.lease, reason, error)
         except LeaseLost as lost:

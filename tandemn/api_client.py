@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -105,17 +106,31 @@ class ApiClient:
             )
         return target["input_file"]
 
-    def download(self, url: str, destination: Path) -> int:
+    def download(
+        self,
+        url: str,
+        destination: Path,
+        on_progress: Callable[[int, int | None], None] | None = None,
+    ) -> int:
+        """Streams ``url`` into ``destination``; returns the bytes written.
+
+        ``on_progress(written, total)`` is called after each block; ``total`` is the
+        Content-Length, or None when the server sends none.
+        """
         destination.parent.mkdir(parents=True, exist_ok=True)
         written = 0
         temporary = destination.with_suffix(destination.suffix + ".part")
         with httpx.stream("GET", url, timeout=600.0) as response:
             if response.status_code >= 300:
                 raise ApiError(f"download to {destination} failed: HTTP {response.status_code}")
+            length = response.headers.get("content-length")
+            total = int(length) if length and length.isdigit() else None
             with temporary.open("wb") as handle:
                 for block in response.iter_bytes():
                     handle.write(block)
                     written += len(block)
+                    if on_progress is not None:
+                        on_progress(written, total)
         temporary.replace(destination)
         return written
 

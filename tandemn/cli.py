@@ -11,12 +11,27 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
-from tandemn import cli_metrics, cli_replicas
-from tandemn.api_client import ApiClient
-from tandemn.cli_common import _call, _client, _fail, _print_json, console, errors
+from tandemn import cli_metrics, cli_replicas, cli_web
+from tandemn.api_client import ApiClient, ApiError
+from tandemn.cli_common import (
+    _call,
+    _client,
+    _fail,
+    _print_json,
+    _print_json_line,
+    console,
+    errors,
+)
 
 app = typer.Typer(
     help="Batch LLM inference on GPUs: submit, watch and collect jobs.", no_args_is_help=True
@@ -31,6 +46,19 @@ TERMINAL_STATUSES = {"succeeded", "completed_with_errors", "failed", "cancelled"
 PID_FILE = Path(__file__).resolve().parent.parent / ".cache" / "local" / "stack.pid"
 # The running local stack's addresses, for `tandemn deploy --local`.
 STACK_FILE = PID_FILE.with_name("stack.json")
+# A directory for both files in place of .cache/local, so that a test's stack leaves the files
+# of the user's stack alone.
+STATE_DIR_VARIABLE = "TANDEMN_LOCAL_STATE_DIR"
+
+
+def _pid_file() -> Path:
+    directory = os.environ.get(STATE_DIR_VARIABLE)
+    return Path(directory) / PID_FILE.name if directory else PID_FILE
+
+
+def _stack_file() -> Path:
+    return _pid_file().with_name(STACK_FILE.name)
+
 
 ApiUrl = typer.Option(
     None,
@@ -39,7 +67,65 @@ ApiUrl = typer.Option(
 )
 JsonFlag = typer.Option(False, "--json", help="Print the API's JSON instead of a table.")
 
+# Placement options shared by `deploy` and `plan`. The API checks their values and names the
+# allowed ones in its error.
+GpuType = typer.Option(
+    None, "--gpu-type", help="GPU type to run on, e.g. L4, L40S, A100, H100, H200, B200."
+)
+TpSize = typer.Option(
+    None, "--tp", help="Tensor parallel size: GPUs that share each model layer (1, 2, 4 or 8)."
+)
+PpSize = typer.Option(
+    None, "--pp", help="Pipeline parallel size: GPUs the layers are split across (1 to 4)."
+)
+Solver = typer.Option(
+    None,
+    "--placement-solver",
+    help="'roofline' ranks placements by estimated throughput and cost; 'user_specified' "
+    "requires --gpu-type and uses --tp and --pp as given (default: roofline, advisory).",
+)
+AvgOutputTokens = typer.Option(
+    None,
+    "--avg-output-tokens",
+    min=1,
+    help="Expected output per request, in tokens, for the runtime estimate "
+    "(default: from the requests' max_tokens).",
+)
+ModelArchitecture = typer.Option(
+    None,
+    "--model-architecture",
+    help="JSON file with the architecture of a model outside the catalog (Hugging Face "
+    "config.json names plus num_parameters), so the solver can plan it.",
+)
 
+
+def _read_architecture(path: Path | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except OSError as error:
+        _fail(f"--model-architecture {path}: cannot read the file ({error.strerror})")
+    except ValueError as error:
+        _fail(f"--model-architecture {path} is not valid JSON: {error}")
+    if not isinstance(data, dict):
+        _fail(f"--model-architecture {path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _input_uri(client: ApiClient, input_file: str) -> str:
+    """Returns INPUT as an s3:// URI, uploading a local file first."""
+    if input_file.startswith("s3://"):
+        return input_file
+    path = Path(input_file)
+    if not path.is_file():
+        _fail(f"input file {input_file} not found; give a path to a JSONL file or an s3:// URI")
+    return _call(client.upload, path)
+
+
+def _set_present(body: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    body.update({name: value for name, value in fields.items() if value is not None})
+    return body
 
 
 @app.command()
@@ -54,14 +140,37 @@ def deploy(
         None, "--replicas", min=1, help="Replicas to start (default: 1 on the local stack)."
     ),
     chunk_size: int = typer.Option(
-        1000, "--chunk-size", min=1, help="Requests per chunk (the unit a replica leases)."
+        1000,
+        "--chunk-size",
+        min=1,
+        help="Requests (input lines) per chunk, the unit of work a replica leases.",
     ),
     max_output_tokens: int | None = typer.Option(
         None, "--max-output-tokens", min=1, help="Cap on each request's max_tokens, in tokens."
     ),
+    avg_output_tokens: int | None = AvgOutputTokens,
     slo: float = typer.Option(4.0, "--slo", min=0.01, help="Deadline for the whole job, in hours."),
+    placement_solver: str | None = Solver,
+    gpu_type: str | None = GpuType,
+    tp: int | None = TpSize,
+    pp: int | None = PpSize,
+    on_demand: bool = typer.Option(
+        False, "--on-demand", help="On-demand instances only (default: spot first, then on-demand)."
+    ),
+    persist: bool = typer.Option(
+        False, "--persist", help="Keep the instances running after the job ends."
+    ),
+    force: bool = typer.Option(
+        False,
+        "--force",
+        help="Accept a user-specified placement that the solver finds infeasible.",
+    ),
+    model_architecture: Path | None = ModelArchitecture,
     description: str | None = typer.Option(
-        None, "--description", help="Free text stored with the job."
+        None, "--description", help="Free text stored with the job (at most 2000 characters)."
+    ),
+    user_id: str | None = typer.Option(
+        None, "--user-id", help="Owner recorded on the job (at most 128 characters)."
     ),
     wait: bool = typer.Option(
         False, "--wait", help="Show progress until the job ends; exit non-zero unless it succeeded."
@@ -73,50 +182,63 @@ def deploy(
         "through its state machines (overrides $TANDEMN_API_URL).",
     ),
     api_url: str | None = ApiUrl,
-    as_json: bool = JsonFlag,
+    as_json: bool = typer.Option(
+        False,
+        "--json",
+        help="Print the API's JSON on one line; with --wait, then one line per progress change.",
+    ),
 ) -> None:
     """Upload INPUT (if local) and submit it as a batch job."""
     if local and api_url is None:
         api_url = _local_stack_url()
+    architecture = _read_architecture(model_architecture)
     client = _client(api_url)
-    if input_file.startswith("s3://"):
-        uri = input_file
-    else:
-        path = Path(input_file)
-        if not path.is_file():
-            _fail(f"input file {input_file} not found; give a path to a JSONL file or an s3:// URI")
-        uri = _call(client.upload, path)
     body: dict[str, Any] = {
         "model_name": model,
-        "input_file": uri,
+        "input_file": _input_uri(client, input_file),
         "chunk_size": chunk_size,
         "slo_deadline_hours": slo,
     }
-    for name, value in (
-        ("replicas", replicas),
-        ("max_output_tokens", max_output_tokens),
-        ("description", description),
-    ):
-        if value is not None:
-            body[name] = value
+    _set_present(
+        body,
+        replicas=replicas,
+        max_output_tokens=max_output_tokens,
+        avg_output_tokens=avg_output_tokens,
+        placement_solver=placement_solver,
+        gpu_type=gpu_type,
+        tp_size=tp,
+        pp_size=pp,
+        model_architecture=architecture,
+        description=description,
+        user_id=user_id,
+    )
+    for name, flag in (("on_demand", on_demand), ("persist", persist), ("force", force)):
+        if flag:
+            body[name] = True
     submitted = _call(client.post, "/submit/batch", body)
     if as_json:
-        _print_json(submitted)
+        _print_json_line(submitted)
     else:
         console.print(
             f"job [bold]{submitted['job_id']}[/bold] {submitted['status']}: "
             f"{submitted.get('chunks', 0)} chunks, replicas {', '.join(submitted.get('replicas') or []) or 'none yet'}"
         )
+        if submitted.get("placement_warning"):
+            errors.print(
+                f"[yellow]warning:[/yellow] {submitted['placement_warning']}",
+                highlight=False,
+                soft_wrap=True,
+            )
     if wait:
-        final = _follow(client, submitted["job_id"])
+        final = _follow(client, submitted["job_id"], as_json=as_json)
         raise typer.Exit(0 if final["status"] == "succeeded" else 1)
 
 
 def _local_stack_url() -> str:
     """Returns the API URL that `tandemn local up` recorded, failing when no stack runs."""
-    if not STACK_FILE.exists() or not PID_FILE.exists():
+    if not _stack_file().exists() or not _pid_file().exists():
         _fail("no local stack is running; start one with `tandemn local up`")
-    return json.loads(STACK_FILE.read_text())["api_url"]
+    return json.loads(_stack_file().read_text())["api_url"]
 
 
 def _job_table(jobs: list[dict[str, Any]]) -> Table:
@@ -171,14 +293,35 @@ def status(
         ("output", job.get("output_file") or job.get("output_location")),
     ):
         table.add_row(label, str(value))
+    for label, key in (("failure reason", "failure_reason"), ("cancel reason", "cancel_reason")):
+        if job.get(key):
+            table.add_row(label, str(job[key]))
     if job.get("validation_errors"):
         for error in job["validation_errors"]:
             table.add_row("input error", error["message"])
     console.print(table)
 
 
-def _follow(client: ApiClient, job_id: str, interval: float = 1.0) -> dict[str, Any]:
+def _follow_json(client: ApiClient, job_id: str, interval: float) -> dict[str, Any]:
+    """Prints the job's JSON on one line whenever its status or progress changes, until it ends."""
+    last = None
+    while True:
+        job = _call(client.get, f"/job/{job_id}")
+        seen = (job["status"], job.get("requests_done"), json.dumps(job.get("chunks")))
+        if seen != last:
+            _print_json_line(job)
+            last = seen
+        if job["status"] in TERMINAL_STATUSES:
+            return job
+        time.sleep(interval)
+
+
+def _follow(
+    client: ApiClient, job_id: str, interval: float = 1.0, *, as_json: bool = False
+) -> dict[str, Any]:
     """Shows a progress bar (requests done, output tokens/s, ETA) until the job ends."""
+    if as_json:
+        return _follow_json(client, job_id, interval)
     job = _call(client.get, f"/job/{job_id}")
     total = max(int(job.get("num_lines") or 0), 1)
     samples: list[tuple[float, int]] = []
@@ -224,6 +367,8 @@ def _follow(client: ApiClient, job_id: str, interval: float = 1.0) -> dict[str, 
         summary += f": {job['requests_succeeded']} succeeded, {job['requests_failed']} failed"
     if job.get("failure_reason"):
         summary += f" ({job['failure_reason']})"
+    if job.get("cancel_reason"):
+        summary += f" ({job['cancel_reason']})"
     console.print(summary)
     return job
 
@@ -231,10 +376,21 @@ def _follow(client: ApiClient, job_id: str, interval: float = 1.0) -> dict[str, 
 @app.command()
 def progress(
     job_id: str = typer.Argument(..., help="Job to follow."),
+    interval: float = typer.Option(
+        1.0, "--interval", min=0.2, help="Seconds between polls of the job."
+    ),
     api_url: str | None = ApiUrl,
+    as_json: bool = typer.Option(
+        False,
+        "--json",
+        help="Print the job's JSON on one line at each change instead of a progress bar.",
+    ),
 ) -> None:
-    """Follow a job with a progress bar until it ends (requests done, output tokens/s, ETA)."""
-    final = _follow(_client(api_url), job_id)
+    """Follow a job with a progress bar until it ends (requests done, output tokens/s, ETA).
+
+    Exits 0 when the job succeeded and 1 otherwise.
+    """
+    final = _follow(_client(api_url), job_id, interval, as_json=as_json)
     raise typer.Exit(0 if final["status"] == "succeeded" else 1)
 
 
@@ -248,15 +404,168 @@ def download(
         help="Path of output.jsonl (default out/JOB/output.jsonl); errors.jsonl is written beside it.",
     ),
     api_url: str | None = ApiUrl,
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the paths and sizes (bytes) written as JSON."
+    ),
 ) -> None:
     """Download a finished job's output.jsonl and errors.jsonl."""
     client = _client(api_url)
     links = _call(client.get, f"/job/{job_id}/output")
     destination = output or Path("out") / job_id / "output.jsonl"
-    written = _call(client.download, links["output_url"], destination)
     errors_path = destination.with_name("errors.jsonl")
-    error_bytes = _call(client.download, links["error_url"], errors_path)
-    console.print(f"wrote {destination} ({written} bytes) and {errors_path} ({error_bytes} bytes)")
+    sizes = {}
+    # The bar goes to stderr and disappears when done, so stdout holds only the result.
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=errors,
+        transient=True,
+        disable=as_json,
+    ) as bar:
+        for url, path in ((links["output_url"], destination), (links["error_url"], errors_path)):
+            task = bar.add_task(path.name, total=None)
+
+            def advance(written: int, total: int | None, task=task) -> None:
+                bar.update(task, completed=written, total=total)
+
+            sizes[path] = _call(client.download, url, path, advance)
+    if as_json:
+        _print_json(
+            {
+                "job_id": job_id,
+                "status": links.get("status"),
+                "output": str(destination),
+                "output_bytes": sizes[destination],
+                "errors": str(errors_path),
+                "errors_bytes": sizes[errors_path],
+            }
+        )
+        return
+    console.print(
+        f"wrote {destination} ({sizes[destination]} bytes) and {errors_path} "
+        f"({sizes[errors_path]} bytes)"
+    )
+
+
+def _active_jobs(client: ApiClient) -> list[dict[str, Any]]:
+    """Returns every job that can still be cancelled, paging through `GET /jobs`."""
+    # NOTE: this reads every job, finished ones too, because the API lists no active jobs alone.
+    found: list[dict[str, Any]] = []
+    params: dict[str, Any] = {"limit": 200}
+    while True:
+        page = _call(client.get, "/jobs", params)
+        found.extend(
+            job
+            for job in page["jobs"]
+            if job["status"] not in TERMINAL_STATUSES and job["status"] != "assembling"
+        )
+        if not page.get("next_token"):
+            return found
+        params["next_token"] = page["next_token"]
+
+
+def _cancel_all(client: ApiClient, reason: str | None, yes: bool, as_json: bool) -> None:
+    active = _active_jobs(client)
+    if not active:
+        if as_json:
+            _print_json({"cancelled": [], "skipped": [], "failed": []})
+        else:
+            console.print("no active job to cancel")
+        return
+    if not yes:
+        listing = ", ".join(f"{job['job_id']} ({job['status']})" for job in active)
+        typer.confirm(f"Cancel {len(active)} active jobs: {listing}?", abort=True, err=True)
+    body = {"reason": reason} if reason else {}
+    cancelled: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
+    with Progress(
+        TextColumn("cancelling"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} jobs"),
+        console=errors,
+        transient=True,
+        disable=as_json,
+    ) as bar:
+        task = bar.add_task("cancel", total=len(active))
+        for job in active:
+            try:
+                cancelled.append(client.post(f"/job/{job['job_id']}/cancel", body))
+            except ApiError as error:
+                # A job that ended or started assembling since the listing returns 409.
+                entry = {"job_id": job["job_id"], "message": str(error)}
+                (skipped if error.status_code == 409 else failed).append(entry)
+            bar.advance(task)
+    if as_json:
+        _print_json({"cancelled": cancelled, "skipped": skipped, "failed": failed})
+    else:
+        for result in cancelled:
+            console.print(_cancel_summary(result), highlight=False, markup=False, soft_wrap=True)
+        for entry in skipped:
+            console.print(
+                f"skipped {entry['job_id']}: {entry['message']}",
+                highlight=False,
+                markup=False,
+                soft_wrap=True,
+            )
+        for entry in failed:
+            errors.print(
+                f"[red]error:[/red] {entry['job_id']}: {entry['message']}",
+                highlight=False,
+                soft_wrap=True,
+            )
+    if failed:
+        raise typer.Exit(1)
+
+
+def _cancel_summary(result: dict[str, Any]) -> str:
+    stopped = ", ".join(result["stopped_replicas"]) or "none"
+    chunks = result["chunks"]
+    return (
+        f"job {result['job_id']} {result['status']} (was {result['previous_status']}): "
+        f"replicas stopped: {stopped}; {chunks['completed']} of {chunks['total']} chunks had "
+        f"completed, their outputs stay under {result['chunk_outputs']}"
+    )
+
+
+@app.command()
+def destroy(
+    job_id: str | None = typer.Argument(
+        None, metavar="JOB", help="Job to cancel (leave it out with --all)."
+    ),
+    all_jobs: bool = typer.Option(
+        False, "--all", help="Cancel every job that has not ended (asks first, unless --yes)."
+    ),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation with --all."),
+    reason: str | None = typer.Option(
+        None,
+        "--reason",
+        help="Why the job is cancelled, stored on the job (at most 500 characters).",
+    ),
+    api_url: str | None = ApiUrl,
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the API's JSON instead of a summary."
+    ),
+) -> None:
+    """Cancel a job, or every active job: its replicas stop and no more chunks are handed out.
+
+    Completed chunks keep their outputs in S3. A job that already ended is an error (exit 1).
+    """
+    if (job_id is None) == (not all_jobs):
+        _fail("give one JOB to cancel, or --all to cancel every active job", code=2)
+    client = _client(api_url)
+    if all_jobs:
+        _cancel_all(client, reason, yes, as_json)
+        return
+    result = _call(client.post, f"/job/{job_id}/cancel", {"reason": reason} if reason else {})
+    if as_json:
+        _print_json(result)
+        return
+    if result["already_cancelled"]:
+        console.print(f"job {job_id} was already cancelled", highlight=False)
+    console.print(_cancel_summary(result), highlight=False, markup=False, soft_wrap=True)
 
 
 @local_app.command("up")
@@ -282,7 +591,10 @@ def local_up(
         None, "--engine-threads", min=1, help="CPU threads of each llama-server (default: half the cores)."
     ),
 ) -> None:
-    """Start the local stack in the foreground; Ctrl-C stops it and every replica."""
+    """Start the local stack in the foreground; Ctrl-C stops it and every replica.
+
+    Its pid and address go to .cache/local/, or to $TANDEMN_LOCAL_STATE_DIR when set.
+    """
     from tandemn import engine_paths
     from tandemn.stack import LocalStack, StackOptions
 
@@ -309,12 +621,13 @@ def local_up(
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     try:
-        stack.start()
+        with errors.status("starting the local stack (moto, tables, state machines, API)"):
+            stack.start()
     except (RuntimeError, TimeoutError) as error:
         _fail(str(error))
-    PID_FILE.parent.mkdir(parents=True, exist_ok=True)
-    PID_FILE.write_text(str(os.getpid()))
-    STACK_FILE.write_text(json.dumps({"api_url": stack.api_url, "moto_url": stack.moto_url}))
+    _pid_file().parent.mkdir(parents=True, exist_ok=True)
+    _pid_file().write_text(str(os.getpid()))
+    _stack_file().write_text(json.dumps({"api_url": stack.api_url, "moto_url": stack.moto_url}))
     console.print(
         f"local stack up: API {stack.api_url}, moto {stack.moto_url}, engine {engine}; Ctrl-C stops it"
     )
@@ -324,8 +637,11 @@ def local_up(
     finally:
         console.print("stopping the local stack")
         stack.stop()
-        PID_FILE.unlink(missing_ok=True)
-        STACK_FILE.unlink(missing_ok=True)
+        # Another stack may have started since and written its own pid: leave its files.
+        pid_file = _pid_file()
+        if pid_file.exists() and pid_file.read_text().strip() == str(os.getpid()):
+            pid_file.unlink(missing_ok=True)
+            _stack_file().unlink(missing_ok=True)
 
 
 @local_app.command("down")
@@ -333,31 +649,35 @@ def local_down(
     timeout: float = typer.Option(60.0, "--timeout", help="Seconds to wait for the stack to stop."),
 ) -> None:
     """Stop a local stack started by `tandemn local up`."""
-    if not PID_FILE.exists():
+    if not _pid_file().exists():
         console.print("no local stack is running")
         return
-    pid = int(PID_FILE.read_text().strip())
+    pid = int(_pid_file().read_text().strip())
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
-        PID_FILE.unlink(missing_ok=True)
+        _pid_file().unlink(missing_ok=True)
         console.print("no local stack is running (removed a stale pid file)")
         return
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            console.print("local stack stopped")
-            return
-        time.sleep(0.2)
-    _fail(f"local stack (pid {pid}) did not stop within {timeout:.0f} s")
+    with errors.status(f"waiting for the local stack (pid {pid}) to stop its replicas and exit"):
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        else:
+            _fail(f"local stack (pid {pid}) did not stop within {timeout:.0f} s")
+    console.print("local stack stopped")
 
 
 # metrics, stream, history, inspect and timeseries.
 cli_metrics.register(app)
 # add, kill, swap and replicas.
 cli_replicas.register(app)
+# web: the dashboard in a browser.
+cli_web.register(app)
 
 
 PLACEMENT_COLUMNS = (
@@ -396,9 +716,17 @@ def plan(
         help="JSONL file of OpenAI batch requests: a local path (uploaded first) or s3://bucket/key.",
     ),
     slo: float = typer.Option(4.0, "--slo", min=0.01, help="Deadline for the whole job, in hours."),
+    placement_solver: str | None = Solver,
     gpu_type: str | None = typer.Option(
         None, "--gpu-type", help="Only this GPU type, e.g. L4, L40S, A100, H100, H200, B200."
     ),
+    tp: int | None = TpSize,
+    pp: int | None = PpSize,
+    max_output_tokens: int | None = typer.Option(
+        None, "--max-output-tokens", min=1, help="Cap on each request's max_tokens, in tokens."
+    ),
+    avg_output_tokens: int | None = AvgOutputTokens,
+    model_architecture: Path | None = ModelArchitecture,
     on_demand: bool = typer.Option(
         False, "--on-demand", help="On-demand instances only (default: spot and on-demand)."
     ),
@@ -410,22 +738,24 @@ def plan(
 
     Exits 1 when no placement fits (the reasons are printed).
     """
+    architecture = _read_architecture(model_architecture)
     client = _client(api_url)
-    if input_file.startswith("s3://"):
-        uri = input_file
-    else:
-        path = Path(input_file)
-        if not path.is_file():
-            _fail(f"input file {input_file} not found; give a path to a JSONL file or an s3:// URI")
-        uri = _call(client.upload, path)
     body: dict[str, Any] = {
         "model_name": model,
-        "input_file": uri,
+        "input_file": _input_uri(client, input_file),
         "slo_deadline_hours": slo,
         "limit": limit,
     }
-    if gpu_type:
-        body["gpu_type"] = gpu_type
+    _set_present(
+        body,
+        placement_solver=placement_solver,
+        gpu_type=gpu_type or None,
+        tp_size=tp,
+        pp_size=pp,
+        max_output_tokens=max_output_tokens,
+        avg_output_tokens=avg_output_tokens,
+        model_architecture=architecture,
+    )
     if on_demand:
         body["on_demand"] = True
     result = _call(client.post, "/test/placement", body)

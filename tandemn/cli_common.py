@@ -32,4 +32,10 @@ def _call(function, *args: Any, **kwargs: Any) -> Any:
 
 
 def _print_json(data: Any) -> None:
-    console.print_json(json.dumps(data, default=str))
+    """Prints one JSON document on stdout, with no colour, markup or line wrapping."""
+    typer.echo(json.dumps(data, indent=2, default=str))
+
+
+def _print_json_line(data: Any) -> None:
+    """Prints one JSON object on one line, for commands that print a stream of them."""
+    typer.echo(json.dumps(data, default=str))

@@ -13,7 +13,15 @@ from rich.live import Live
 from rich.table import Table
 
 from tandemn.api_client import ApiClient, ApiError
-from tandemn.cli_common import _call, _client, _fail, _print_json, console, errors  # noqa: F401
+from tandemn.cli_common import (  # noqa: F401
+    _call,
+    _client,
+    _fail,
+    _print_json,
+    _print_json_line,
+    console,
+    errors,
+)
 
 TERMINAL_STATUSES = {"succeeded", "completed_with_errors", "failed", "cancelled"}
 
@@ -127,7 +135,11 @@ def metrics(
         False, "--compare", help="Add one column per replica next to the job's totals."
     ),
     api_url: str | None = ApiUrl,
-    as_json: bool = JsonFlag,
+    as_json: bool = typer.Option(
+        False,
+        "--json",
+        help="Print the API's JSON instead of a table; with --watch, one line per refresh.",
+    ),
 ) -> None:
     """Show a job's metrics: throughput, queue, KV cache, latency quantiles, tokens, GPU use."""
     client = _client(api_url)
@@ -137,6 +149,9 @@ def metrics(
             _print_json(raw)
         else:
             console.print(snapshot_table(columns, f"metrics of {job_id}"))
+        return
+    if as_json:
+        _watch_json(client, job_id, replica, compare, interval)
         return
     with Live(console=console, refresh_per_second=4) as live:
         while True:
@@ -148,18 +163,36 @@ def metrics(
                     _fail(str(error))
                 live.update(f"{job_id} {status}: no metrics yet")
             else:
-                if as_json:
-                    console.print(json.dumps(raw, default=str))
-                else:
-                    live.update(
-                        Group(
-                            snapshot_table(columns, f"metrics of {job_id} ({status})"),
-                            f"refreshed {time.strftime('%H:%M:%S')}, every {interval:g} s",
-                        )
+                live.update(
+                    Group(
+                        snapshot_table(columns, f"metrics of {job_id} ({status})"),
+                        f"refreshed {time.strftime('%H:%M:%S')}, every {interval:g} s",
                     )
+                )
             if status in TERMINAL_STATUSES:
                 return
             time.sleep(interval)
+
+
+def _watch_json(
+    client: ApiClient, job_id: str, replica: str | None, compare: bool, interval: float
+) -> None:
+    """Prints the metrics JSON on one line per refresh until the job ends.
+
+    Nothing is printed while the job has no snapshot yet.
+    """
+    while True:
+        status = _call(client.get, f"/job/{job_id}")["status"]
+        try:
+            _, raw = _metrics_view(client, job_id, replica, compare)
+        except ApiError as error:
+            if error.status_code != 404:
+                _fail(str(error))
+        else:
+            _print_json_line({"job_status": status, **raw})
+        if status in TERMINAL_STATUSES:
+            return
+        time.sleep(interval)
 
 
 def parse_events(text: str) -> tuple[list[tuple[str, str]], float | None]:
@@ -200,7 +233,7 @@ def stream(
             if name == "metrics" and payload.get("timestamp") != last_timestamp:
                 last_timestamp = payload.get("timestamp")
                 if as_json:
-                    console.print(json.dumps(payload), soft_wrap=True, highlight=False)
+                    _print_json_line(payload)
                 else:
                     console.print(
                         f"{time.strftime('%H:%M:%S')} "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -11,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tandemn.api_client import ApiClient, ApiError, default_api_url
+from tandemn.cli_common import _print_json
 
 console = Console()
 errors = Console(stderr=True)
@@ -70,7 +70,7 @@ def add(
     client = ApiClient(api_url or default_api_url())
     result = _call(client.post, f"/job/{job_id}/scale", body)
     if as_json:
-        console.print_json(json.dumps(result))
+        _print_json(result)
         return
     console.print(
         f"job {job_id}: {len(result['new_replicas'])} replicas added (version "
@@ -88,7 +88,7 @@ def kill(
     client = ApiClient(api_url or default_api_url())
     result = _call(client.post, f"/job/{job_id}/kill", {"replica_ids": replica_ids})
     if as_json:
-        console.print_json(json.dumps(result))
+        _print_json(result)
         return
     console.print(
         f"killed {', '.join(result['killed']) or 'none'}; {result['reclaimed']} chunks returned"
@@ -131,7 +131,7 @@ def swap(
     client = ApiClient(api_url or default_api_url())
     result = _call(client.post, f"/job/{job_id}/swap", body)
     if as_json:
-        console.print_json(json.dumps(result))
+        _print_json(result)
         return
     if cancel:
         console.print(
@@ -155,7 +155,7 @@ def replicas_command(
     client = ApiClient(api_url or default_api_url())
     result = _call(client.get, f"/job/{job_id}/replicas")
     if as_json:
-        console.print_json(json.dumps(result))
+        _print_json(result)
         return
     table = Table("replica", "phase", "provider", "GPU", "tp", "pp", "market", "heartbeat")
     now = time.time()

@@ -14,6 +14,7 @@ Run: ``python -m tandemn.motoserver --port 26337`` (listens on 127.0.0.1 only).
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import os
 import signal
@@ -50,7 +51,80 @@ class SerialisedDynamoDB:
             return list(self.app(environ, start_response))
 
 
+class _TableSharingCopy:
+    """Stands in for the ``copy`` module inside moto's DynamoDB backend: returns a stream-less
+    ``Table`` itself instead of a deep copy, and deep-copies everything else as before."""
+
+    def __init__(self, table_type: type) -> None:
+        self._table_type = table_type
+
+    def deepcopy(self, value: Any, memo: Any = None) -> Any:
+        if isinstance(value, self._table_type) and value.stream_shard is None:
+            return value
+        return copy.deepcopy(value, memo)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(copy, name)
+
+
+def use_item_level_transaction_rollback() -> None:
+    """Makes a TransactWriteItems cost O(items it touches) instead of O(items in its tables).
+
+    moto 5.2.5 deep-copies every table a transaction names before applying it, to roll back a
+    cancelled one, so each chunk lease, renewal or completion copied the whole chunks table (a
+    20,000-chunk job: every item, on every request). Here only the touched items are copied and
+    put back. Tables with a stream keep moto's whole-table copy, so that a cancelled transaction
+    leaves no stream records. This is safe only because this server runs DynamoDB requests one at
+    a time.
+    """
+    import moto.dynamodb.models as backend_module
+    from moto.dynamodb.models import DynamoDBBackend
+    from moto.dynamodb.models.dynamo_type import DynamoType
+    from moto.dynamodb.models.table import Table
+
+    if getattr(DynamoDBBackend.transact_write_items, "_item_level", False):
+        return
+    backend_module.copy = _TableSharingCopy(Table)
+    moto_transact = DynamoDBBackend.transact_write_items
+
+    def transact_write_items(self: Any, transact_items: list[dict[str, Any]]) -> None:
+        saved = []
+        for entry in transact_items:
+            operation = next(iter(entry.values()), None)
+            table = self.tables.get((operation or {}).get("TableName"))
+            if table is None or table.stream_shard is not None:
+                continue
+            key = operation.get("Key") or operation.get("Item") or {}
+            if table.hash_key_attr not in key:
+                continue
+            hash_key = DynamoType(key[table.hash_key_attr])
+            range_key = None
+            if table.range_key_attr is not None:
+                if table.range_key_attr not in key:
+                    continue
+                range_key = DynamoType(key[table.range_key_attr])
+            before = table.get_item(hash_key, range_key)
+            saved.append((table, hash_key, range_key, copy.deepcopy(before)))
+        try:
+            moto_transact(self, transact_items)
+        except Exception:
+            for table, hash_key, range_key, before in reversed(saved):
+                items = table.items[hash_key] if range_key is not None else table.items
+                item_key = range_key if range_key is not None else hash_key
+                if before is None:
+                    items.pop(item_key, None)
+                else:
+                    items[item_key] = before
+                if range_key is not None and not table.items[hash_key]:
+                    del table.items[hash_key]
+            raise
+
+    transact_write_items._item_level = True  # type: ignore[attr-defined]
+    DynamoDBBackend.transact_write_items = transact_write_items
+
+
 def build_server(port: int) -> BaseWSGIServer:
+    use_item_level_transaction_rollback()
     app = SerialisedDynamoDB(DomainDispatcherApplication(create_backend_app))
     return make_server("127.0.0.1", port, app, threaded=True, request_handler=MotoRequestHandler)
 

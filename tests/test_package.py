@@ -116,3 +116,16 @@ def test_sidecar_bundle_holds_the_package(tmp_path):
     assert "sidecar/lifeline.py" in names
     with zipfile.ZipFile(tmp_path / "sidecar.zip") as archive:
         assert sorted(archive.namelist()) == sorted(names)
+
+
+def test_every_table_reaches_the_functions_by_its_generated_name():
+    """CloudFormation names the tables, so each one's name must reach the functions by Ref."""
+    template = merge_template()
+    variables = template["Globals"]["Function"]["Environment"]["Variables"]
+    referenced = {value.get("Ref") for value in variables.values() if isinstance(value, dict)}
+    tables = {
+        logical_id
+        for logical_id, resource in template["Resources"].items()
+        if resource.get("Type") == "AWS::DynamoDB::Table"
+    }
+    assert tables - referenced == set()

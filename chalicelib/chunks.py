@@ -4,8 +4,11 @@ Each chunk is one item; every status change is one conditional write on it, made
 ``TransactWriteItems`` as the change to the job's counters, so the counters always equal the
 chunk items. A pull costs a constant number of requests however many chunks the job has: the
 job item carries a claim cursor for the first pass and the set ``requeued`` of chunk indices put
-back by a reclaim or release, which are served first, lowest index first. Correctness never rests
-on an index read: the conditional write decides, and a lost race is retried.
+back by a reclaim or release, which are served first, lowest index first. The first pass claims
+an index with one atomic increment of the cursor, so concurrent pullers get different chunks
+instead of racing for the same one. If the lease transaction that follows fails, the index goes
+back in ``requeued``. Correctness never rests on an index read: the conditional write
+decides, and a lost race is retried.
 
 A lease carries a random lease token (a fencing token). Renew and release require the current
 token; completion is accepted from any attempt that was issued a token for the chunk, and the
@@ -36,6 +39,9 @@ MAX_CONTENTION_RETRIES = 25
 MAX_CONTENTION_PAUSE_SECONDS = 0.2
 # Expired leases reclaimed per pull that finds the queue empty; the watchdog reclaims the rest.
 RECLAIM_ON_PULL_LIMIT = 10
+# The watchdog requeues a pending chunk that no pull can reach once no write has touched the job
+# for this long. A pull takes far less.
+UNREACHABLE_QUIET_SECONDS = 120
 # Owner phases whose lost leases do not spend the chunk's retry budget.
 _NOT_THE_CHUNKS_FAULT = frozenset({"killed", "swapped_out", "draining", "completed", "preempting"})
 
@@ -126,129 +132,47 @@ def write_chunks(settings: Settings, job_id: str, spans: list[Any]) -> None:
 
 def pull(settings: Settings, job_id: str, replica: dict[str, Any]) -> Lease | None:
     """Leases the next chunk to ``replica``; returns None when nothing is pending."""
-    client = aws.client("dynamodb")
     replica_id = replica["replica_id"]
     if ReplicaPhase(replica["phase"]) not in REPLICA_MAY_PULL:
         return None
     reclaimed_once = False
     for attempt in range(MAX_CONTENTION_RETRIES):
-        job = jobs.get_job(settings, job_id)
-        if job["status"] not in {s.value for s in JOB_ACCEPTS_WORK}:
-            return None
-        requeued = job.get("requeued") or set()
-        total = int(job["total_chunks"])
-        cursor = int(job["next_chunk_index"])
-        if requeued:
-            index = min(requeued)
-        elif cursor < total:
-            index = cursor
+        job = _claim_first_pass(settings, job_id)
+        if job is not None:
+            index = int(job["next_chunk_index"]) - 1
+            from_requeued = False
         else:
-            if int(job.get("inflight", 0)) > 0 and not reclaimed_once:
-                reclaimed_once = True
-                if reclaim_expired(settings, job_id, limit=RECLAIM_ON_PULL_LIMIT):
-                    continue
-            return None
-
-        now = time.time()
-        token = secrets.token_urlsafe(16)
-        expires = now + settings.lease_seconds
-        job_values: dict[str, Any] = {":one": 1, ":now": now, **_accepting_values()}
-        if requeued:
-            job_values[":idx_set"] = {index}
-            job_values[":idx"] = index
-            job_update = {
-                "UpdateExpression": "SET pending = pending - :one, inflight = inflight + :one, "
-                "updated_at = :now DELETE requeued :idx_set",
-                "ConditionExpression": f"contains(requeued, :idx) AND {_accepting_condition()}",
-            }
-        else:
-            job_values[":cursor"] = cursor
-            job_values[":next"] = cursor + 1
-            job_update = {
-                "UpdateExpression": "SET next_chunk_index = :next, pending = pending - :one, "
-                "inflight = inflight + :one, updated_at = :now",
-                "ConditionExpression": f"next_chunk_index = :cursor AND {_accepting_condition()}",
-            }
-        chunk_values = {
-            ":pending": ChunkStatus.PENDING.value,
-            ":inflight": ChunkStatus.INFLIGHT.value,
-            ":token": token,
-            ":tokens": {token},
-            ":owner": replica_id,
-            ":job": job_id,
-            ":expires": expires,
-            ":now": now,
-            ":one": 1,
-        }
-        replica_values = {":now": now, **_may_pull_values()}
-        items = [
-            {
-                "Update": {
-                    "TableName": settings.jobs_table,
-                    "Key": {"job_id": {"S": job_id}},
-                    "ExpressionAttributeNames": {"#status": "status"},
-                    "ExpressionAttributeValues": dynamo.serialize(job_values),
-                    **job_update,
-                }
-            },
-            {
-                "Update": {
-                    "TableName": settings.chunks_table,
-                    "Key": {"job_id": {"S": job_id}, "chunk_index": {"N": str(index)}},
-                    "UpdateExpression": "SET #status = :inflight, lease_token = :token, "
-                    "lease_owner = :owner, lease_job_id = :job, lease_expires_at = :expires, "
-                    "leased_at = :now, attempts = attempts + :one ADD tokens :tokens",
-                    "ConditionExpression": "#status = :pending",
-                    "ExpressionAttributeNames": {"#status": "status"},
-                    "ExpressionAttributeValues": dynamo.serialize(chunk_values),
-                }
-            },
-            {
-                # The replica's heartbeat rides on the pull; the condition stops a replica that
-                # was killed or is draining from taking new work.
-                "Update": {
-                    "TableName": settings.replicas_table,
-                    "Key": {"job_id": {"S": job_id}, "replica_id": {"S": replica_id}},
-                    "UpdateExpression": "SET last_heartbeat = :now",
-                    "ConditionExpression": _may_pull_condition(),
-                    "ExpressionAttributeValues": dynamo.serialize(replica_values),
-                }
-            },
-        ]
-        try:
-            client.transact_write_items(TransactItems=items)
-        except ClientError as error:
-            if not dynamo.is_transaction_cancelled(error):
-                raise
-            codes = dynamo.cancellation_codes(error)
-            if len(codes) == 3 and codes[2] == "ConditionalCheckFailed":
+            job = jobs.get_job(settings, job_id)
+            if job["status"] not in {s.value for s in JOB_ACCEPTS_WORK}:
                 return None
-            logger.info(
-                "pull lost a race, retrying",
-                extra={
-                    "job_id": job_id,
-                    "replica_id": replica_id,
-                    "chunk_id": chunk_id_for(index),
-                    "attempt": attempt + 1,
-                },
-            )
-            time.sleep(random.uniform(0, min(MAX_CONTENTION_PAUSE_SECONDS, 0.005 * 2**attempt)))
-            continue
-        chunk = get_chunk(settings, job_id, index)
+            requeued = job.get("requeued") or set()
+            if requeued:
+                index = min(requeued)
+                from_requeued = True
+            elif int(job["next_chunk_index"]) < int(job["total_chunks"]):
+                # The last requeued chunk was taken between the claim and the read.
+                continue
+            else:
+                if int(job.get("inflight", 0)) > 0 and not reclaimed_once:
+                    reclaimed_once = True
+                    if reclaim_expired(settings, job_id, limit=RECLAIM_ON_PULL_LIMIT):
+                        continue
+                return None
+        outcome = _lease(settings, job, replica_id, index, from_requeued=from_requeued)
+        if isinstance(outcome, Lease):
+            return outcome
+        if outcome == "stop":
+            return None
         logger.info(
-            "chunk leased",
-            extra={"job_id": job_id, "replica_id": replica_id, "chunk_id": chunk_id_for(index)},
+            "pull lost a race, retrying",
+            extra={
+                "job_id": job_id,
+                "replica_id": replica_id,
+                "chunk_id": chunk_id_for(index),
+                "attempt": attempt + 1,
+            },
         )
-        return Lease(
-            job_id=job_id,
-            chunk_id=chunk_id_for(index),
-            chunk_index=index,
-            lease_token=token,
-            lease_expires_at=expires,
-            attempt=int(chunk.get("attempts", 1)),
-            chunk=chunk,
-            job=job,
-        )
+        time.sleep(random.uniform(0, min(MAX_CONTENTION_PAUSE_SECONDS, 0.005 * 2**attempt)))
     logger.warning(
         "pull gave up after lost races", extra={"job_id": job_id, "replica_id": replica_id}
     )
@@ -256,6 +180,256 @@ def pull(settings: Settings, job_id: str, replica: dict[str, Any]) -> Lease | No
         f"too many replicas pulled from job {job_id!r} at once; retry the pull",
         retry_after_seconds=1,
     )
+
+
+def _claim_first_pass(settings: Settings, job_id: str) -> dict[str, Any] | None:
+    """Advances the first-pass cursor by one atomic update; returns the job item after it.
+
+    Concurrent pullers each get a different index without racing on a condition. The claim only
+    applies while no requeued chunk waits (those are served first) and the job accepts work;
+    otherwise it returns None and the caller reads the job.
+    """
+    values = {":one": 1, ":zero": 0, **_accepting_values()}
+    try:
+        response = aws.client("dynamodb").update_item(
+            TableName=settings.jobs_table,
+            Key={"job_id": {"S": job_id}},
+            UpdateExpression="SET next_chunk_index = next_chunk_index + :one",
+            ConditionExpression="(attribute_not_exists(requeued) OR size(requeued) = :zero) "
+            f"AND next_chunk_index < total_chunks AND {_accepting_condition()}",
+            ExpressionAttributeNames={"#status": "status"},
+            ExpressionAttributeValues=dynamo.serialize(values),
+            ReturnValues="ALL_NEW",
+        )
+    except ClientError as error:
+        if error.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
+            return None
+        raise
+    return dynamo.deserialize(response["Attributes"])
+
+
+def _lease(
+    settings: Settings, job: dict[str, Any], replica_id: str, index: int, *, from_requeued: bool
+) -> Lease | str:
+    """Moves chunk ``index`` to inflight for the replica; returns the lease, "retry" or "stop".
+
+    A claimed first-pass index that cannot be leased is put back in ``requeued``, so the chunk
+    stays reachable.
+    """
+    job_id = job["job_id"]
+    now = time.time()
+    token = secrets.token_urlsafe(16)
+    expires = now + settings.lease_seconds
+    job_values: dict[str, Any] = {":one": 1, ":now": now, **_accepting_values()}
+    job_update = {
+        "UpdateExpression": "SET pending = pending - :one, inflight = inflight + :one, "
+        "updated_at = :now",
+        "ConditionExpression": _accepting_condition(),
+    }
+    if from_requeued:
+        job_values[":idx_set"] = {index}
+        job_values[":idx"] = index
+        job_update["UpdateExpression"] += " DELETE requeued :idx_set"
+        job_update["ConditionExpression"] = f"contains(requeued, :idx) AND {_accepting_condition()}"
+    chunk_values = {
+        ":pending": ChunkStatus.PENDING.value,
+        ":inflight": ChunkStatus.INFLIGHT.value,
+        ":token": token,
+        ":tokens": {token},
+        ":owner": replica_id,
+        ":job": job_id,
+        ":expires": expires,
+        ":now": now,
+        ":one": 1,
+    }
+    replica_values = {":now": now, **_may_pull_values()}
+    items = [
+        {
+            "Update": {
+                "TableName": settings.jobs_table,
+                "Key": {"job_id": {"S": job_id}},
+                "ExpressionAttributeNames": {"#status": "status"},
+                "ExpressionAttributeValues": dynamo.serialize(job_values),
+                **job_update,
+            }
+        },
+        {
+            "Update": {
+                "TableName": settings.chunks_table,
+                "Key": {"job_id": {"S": job_id}, "chunk_index": {"N": str(index)}},
+                "UpdateExpression": "SET #status = :inflight, lease_token = :token, "
+                "lease_owner = :owner, lease_job_id = :job, lease_expires_at = :expires, "
+                "leased_at = :now, attempts = attempts + :one ADD tokens :tokens",
+                "ConditionExpression": "#status = :pending",
+                "ExpressionAttributeNames": {"#status": "status"},
+                "ExpressionAttributeValues": dynamo.serialize(chunk_values),
+            }
+        },
+        {
+            # The replica's heartbeat rides on the pull; the condition stops a replica that
+            # was killed or is draining from taking new work.
+            "Update": {
+                "TableName": settings.replicas_table,
+                "Key": {"job_id": {"S": job_id}, "replica_id": {"S": replica_id}},
+                "UpdateExpression": "SET last_heartbeat = :now",
+                "ConditionExpression": _may_pull_condition(),
+                "ExpressionAttributeValues": dynamo.serialize(replica_values),
+            }
+        },
+    ]
+    try:
+        aws.client("dynamodb").transact_write_items(TransactItems=items)
+    except ClientError as error:
+        if not dynamo.is_transaction_cancelled(error):
+            raise
+        codes = dynamo.cancellation_codes(error)
+        chunk_not_pending = len(codes) == 3 and codes[1] == "ConditionalCheckFailed"
+        if chunk_not_pending and from_requeued:
+            _forget_requeued(settings, job_id, index)
+        elif not from_requeued and not chunk_not_pending:
+            _requeue_claimed(settings, job_id, replica_id, index)
+        replica_rejected = len(codes) == 3 and codes[2] == "ConditionalCheckFailed"
+        job_rejected = len(codes) == 3 and codes[0] == "ConditionalCheckFailed"
+        if replica_rejected or (job_rejected and not from_requeued):
+            return "stop"
+        return "retry"
+    chunk = get_chunk(settings, job_id, index)
+    logger.info(
+        "chunk leased",
+        extra={"job_id": job_id, "replica_id": replica_id, "chunk_id": chunk_id_for(index)},
+    )
+    return Lease(
+        job_id=job_id,
+        chunk_id=chunk_id_for(index),
+        chunk_index=index,
+        lease_token=token,
+        lease_expires_at=expires,
+        attempt=int(chunk.get("attempts", 1)),
+        chunk=chunk,
+        job=job,
+    )
+
+
+def _requeue_claimed(settings: Settings, job_id: str, replica_id: str, index: int) -> None:
+    """Puts a claimed first-pass index that was not leased back in ``requeued``."""
+    aws.client("dynamodb").update_item(
+        TableName=settings.jobs_table,
+        Key={"job_id": {"S": job_id}},
+        UpdateExpression="ADD requeued :idx_set",
+        ExpressionAttributeValues=dynamo.serialize({":idx_set": {index}}),
+    )
+    logger.info(
+        "claimed chunk put back in the queue",
+        extra={"job_id": job_id, "replica_id": replica_id, "chunk_id": chunk_id_for(index)},
+    )
+
+
+def _forget_requeued(settings: Settings, job_id: str, index: int) -> None:
+    """Drops ``index`` from ``requeued`` if its chunk is no longer pending, in one transaction."""
+    items = [
+        {
+            "ConditionCheck": {
+                "TableName": settings.chunks_table,
+                "Key": {"job_id": {"S": job_id}, "chunk_index": {"N": str(index)}},
+                "ConditionExpression": "#status <> :pending",
+                "ExpressionAttributeNames": {"#status": "status"},
+                "ExpressionAttributeValues": dynamo.serialize(
+                    {":pending": ChunkStatus.PENDING.value}
+                ),
+            }
+        },
+        {
+            "Update": {
+                "TableName": settings.jobs_table,
+                "Key": {"job_id": {"S": job_id}},
+                "UpdateExpression": "DELETE requeued :idx_set",
+                "ExpressionAttributeValues": dynamo.serialize({":idx_set": {index}}),
+            }
+        },
+    ]
+    try:
+        aws.client("dynamodb").transact_write_items(TransactItems=items)
+    except ClientError as error:
+        if not dynamo.is_transaction_cancelled(error):
+            raise
+        return
+    logger.warning(
+        "stale requeued entry removed: its chunk is not pending",
+        extra={"job_id": job_id, "chunk_id": chunk_id_for(index)},
+    )
+
+
+def recover_unreachable(settings: Settings, job: dict[str, Any], now: float) -> int:
+    """Requeues pending chunks behind the cursor that no pull can reach; returns how many.
+
+    A pull that claimed a first-pass index and died before leasing it or putting it back (a
+    Lambda killed between two requests) leaves such a chunk. The counters show it cheaply:
+    pending chunks are the requeued ones plus those at or past the cursor. The query that finds
+    them reads the job's chunks, so it runs only when the counters disagree and the job has
+    been quiet for ``UNREACHABLE_QUIET_SECONDS``, longer than any pull takes.
+    """
+    job_id = job["job_id"]
+    cursor = int(job["next_chunk_index"])
+    requeued = job.get("requeued") or set()
+    reachable = len(requeued) + max(0, int(job["total_chunks"]) - cursor)
+    if int(job.get("pending", 0)) <= reachable:
+        return 0
+    if now - float(job.get("updated_at", 0)) < UNREACHABLE_QUIET_SECONDS:
+        return 0
+    client = aws.client("dynamodb")
+    query: dict[str, Any] = {
+        "TableName": settings.chunks_table,
+        "ConsistentRead": True,
+        "KeyConditionExpression": "job_id = :job AND chunk_index < :cursor",
+        "FilterExpression": "#status = :pending",
+        "ProjectionExpression": "chunk_index",
+        "ExpressionAttributeNames": {"#status": "status"},
+        "ExpressionAttributeValues": dynamo.serialize(
+            {":job": job_id, ":cursor": cursor, ":pending": ChunkStatus.PENDING.value}
+        ),
+    }
+    recovered = 0
+    while True:
+        page = client.query(**query)
+        for raw in page.get("Items", []):
+            index = int(dynamo.deserialize(raw)["chunk_index"])
+            if index in requeued:
+                continue
+            items = [
+                {
+                    "ConditionCheck": {
+                        "TableName": settings.chunks_table,
+                        "Key": {"job_id": {"S": job_id}, "chunk_index": {"N": str(index)}},
+                        "ConditionExpression": "#status = :pending",
+                        "ExpressionAttributeNames": {"#status": "status"},
+                        "ExpressionAttributeValues": dynamo.serialize(
+                            {":pending": ChunkStatus.PENDING.value}
+                        ),
+                    }
+                },
+                {
+                    "Update": {
+                        "TableName": settings.jobs_table,
+                        "Key": {"job_id": {"S": job_id}},
+                        "UpdateExpression": "ADD requeued :idx_set",
+                        "ExpressionAttributeValues": dynamo.serialize({":idx_set": {index}}),
+                    }
+                },
+            ]
+            try:
+                client.transact_write_items(TransactItems=items)
+            except ClientError as error:
+                if not dynamo.is_transaction_cancelled(error):
+                    raise
+                continue
+            recovered += 1
+            logger.warning(
+                "unreachable pending chunk requeued by recovery",
+                extra={"job_id": job_id, "chunk_id": chunk_id_for(index)},
+            )
+        if "LastEvaluatedKey" not in page:
+            return recovered
+        query["ExclusiveStartKey"] = page["LastEvaluatedKey"]
 
 
 def renew(

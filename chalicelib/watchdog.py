@@ -49,6 +49,8 @@ def run_once(settings: Settings) -> dict[str, Any]:
             dead.extend(replica_changes["dead"])
             if replica_changes["dead"]:
                 job = jobs.get_job(settings, job_id)
+        if status in JOB_ACCEPTS_WORK and chunks.recover_unreachable(settings, job, _now()):
+            job = jobs.get_job(settings, job_id)
         if status in JOB_ACCEPTS_WORK and int(job.get("inflight", 0)) > 0:
             count = chunks.reclaim_expired(settings, job_id)
             if count:

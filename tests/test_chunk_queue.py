@@ -386,3 +386,55 @@ def test_complete_with_unknown_token_is_lease_lost(client, aws_account, job):
     response = support.complete(client, job_id, replica, token, forged)
     assert response.status_code == 409
     assert response.json_body["code"] == "lease_lost"
+
+
+def _job_item(settings, job_id):
+    from chalicelib import jobs
+
+    return jobs.get_job(settings, job_id)
+
+
+def test_abandoned_claim_is_recovered(client, aws_account, job, clock):
+    job_id, [(replica, token), _] = job
+    # A pull that claimed c000000 and then died, before leasing it or putting it back.
+    claimed = chunks._claim_first_pass(aws_account, job_id)
+    assert int(claimed["next_chunk_index"]) == 1
+    job_item = _job_item(aws_account, job_id)
+    # The counters show the gap at once, but the job must be quiet before the chunks are read.
+    assert chunks.recover_unreachable(aws_account, job_item, clock.time()) == 0
+    later = clock.time() + chunks.UNREACHABLE_QUIET_SECONDS + 1
+    assert chunks.recover_unreachable(aws_account, job_item, later) == 1
+    assert _job_item(aws_account, job_id)["requeued"] == {0}
+    assert support.pull(client, job_id, replica, token).json_body["chunk_id"] == "c000000"
+    assert chunks.recover_unreachable(aws_account, _job_item(aws_account, job_id), later) == 0
+    assert_counters_match_items(client, aws_account, job_id)
+
+
+def test_claim_requeued_for_killed_replica(client, aws_account, job):
+    job_id, [(replica, token), (other, other_token)] = job
+    support.post(client, f"/job/{job_id}/kill", {"replica_ids": [replica]})
+    replica_item = {"replica_id": replica, "phase": "running"}
+    # The stored phase is killed, so the lease transaction rejects the replica after the claim.
+    assert chunks.pull(aws_account, job_id, replica_item) is None
+    assert _job_item(aws_account, job_id)["requeued"] == {0}
+    lease = support.pull(client, job_id, other, other_token).json_body
+    assert lease["chunk_id"] == "c000000"
+    assert "requeued" not in _job_item(aws_account, job_id)
+    assert_counters_match_items(client, aws_account, job_id)
+
+
+def test_stale_requeued_entry_removed(client, aws_account, job):
+    job_id, [(replica, token), _] = job
+    first = support.pull(client, job_id, replica, token).json_body
+    assert first["chunk_id"] == "c000000"
+    # A stale entry: c000000 is inflight but listed as requeued.
+    aws.client("dynamodb").update_item(
+        TableName=aws_account.jobs_table,
+        Key={"job_id": {"S": job_id}},
+        UpdateExpression="ADD requeued :s",
+        ExpressionAttributeValues={":s": {"NS": ["0"]}},
+    )
+    second = support.pull(client, job_id, replica, token).json_body
+    assert second["chunk_id"] == "c000001"
+    assert "requeued" not in _job_item(aws_account, job_id)
+    assert_counters_match_items(client, aws_account, job_id)

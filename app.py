@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-# Metrics, live updates, events and run analytics (routes at the end of this file).
 import json
 import os
 
@@ -11,22 +10,25 @@ from aws_lambda_powertools import Logger
 from aws_lambda_powertools.logging.utils import copy_config_to_registered_loggers
 from chalice import Chalice, IAMAuthorizer, Rate, Response
 
-# assembly and submission register the background tasks "assemble" and "validate" on import.
-# Replica lifecycle (scale, swap, kill, teardown, spot interruptions). swap and teardown register
-# their state machine tasks with lifecycle on import.
+# assembly and submission register the background tasks "assemble" and "validate" on import;
+# swap and teardown register their state machine tasks with lifecycle on import.
 from chalicelib import (
     analytics,
     assembly,  # noqa: F401
     background,
+    cancel,
     chunks,
     cost,
+    dashboard,
     events,
     jobs,
     lifecycle,
     live,
     metrics_store,
     observability,
+    placement,
     providers,
+    quotas,
     replicas,
     spot,
     storage,
@@ -46,15 +48,18 @@ from chalicelib.http import (
     query_int,
 )
 from chalicelib.models import (
+    CancelRequest,
     ChunkCompleteRequest,
     ChunkLeaseRequest,
     ChunkPullRequest,
     ChunkReleaseRequest,
+    DashboardTokenRequest,
     HeartbeatRequest,
     KillRequest,
     MetricsIngestRequest,
     MetricsSummaryRequest,
     PhaseRequest,
+    PlacementRequest,
     ScaleRequest,
     SubmitBatchRequest,
     SwapRequest,
@@ -651,10 +656,6 @@ def push_metrics(event):
 
 
 # Placement: the solver alone, the instance catalog and the EC2 vCPU quotas.
-from chalicelib import placement, quotas
-from chalicelib.models import PlacementRequest
-
-
 @app.route("/test/placement", methods=["POST"], content_types=JSON, authorizer=iam)
 @handle_errors
 def test_placement():
@@ -675,10 +676,6 @@ def quota_status():
 
 
 # Job cancellation: the job ends `cancelled` and its replicas stop (chalicelib/cancel.py).
-from chalicelib import cancel
-from chalicelib.models import CancelRequest
-
-
 @app.route("/job/{job_id}/cancel", methods=["POST"], content_types=JSON, authorizer=iam)
 @handle_errors
 def cancel_job(job_id):
@@ -703,10 +700,6 @@ def openapi_document():
 # server-sent events, and its tokens. Browsers cannot sign SigV4, so these routes carry no IAM
 # authorizer. Outside the local stage each checks a dashboard token that the IAM-signed
 # POST /dashboard/token issues.
-from chalicelib import dashboard
-from chalicelib.models import DashboardTokenRequest
-
-
 def _dashboard_settings():
     settings = load_settings()
     request = app.current_request

@@ -500,15 +500,16 @@ def put_summary(settings: Settings, job_id: str, replica_id: str, metrics: dict[
     if len(encoded) > 64 * 1024:
         raise InvalidRequest(f"metrics summary is {len(encoded)} bytes; the limit is 65536")
     now = time.time()
+    # Kept as one JSON string: a free-form map may nest deeper than DynamoDB's 32 levels, and
+    # moto 5.2.5 returns a map with an empty key in a form botocore fails to parse.
     aws.client("dynamodb").update_item(
         TableName=settings.metrics_table,
         Key=_key(job_id, SUMMARY_PREFIX + replica_id),
-        UpdateExpression="SET #metrics = :m, replica_id = :r, created_at = "
+        UpdateExpression="SET metrics_json = :m, replica_id = :r, created_at = "
         "if_not_exists(created_at, :now), updated_at = :now, expires_at = :exp",
-        ExpressionAttributeNames={"#metrics": "metrics"},
         ExpressionAttributeValues=dynamo.serialize(
             {
-                ":m": json.loads(encoded),
+                ":m": encoded,
                 ":r": replica_id,
                 ":now": now,
                 ":exp": _expires_at(settings, now),
@@ -527,7 +528,10 @@ def list_summaries(settings: Settings, job_id: str) -> list[dict[str, Any]]:
         },
     )
     items.sort(key=lambda item: float(item.get("created_at") or 0.0))
-    return [{**(item.get("metrics") or {}), "replica_id": item["replica_id"]} for item in items]
+    return [
+        {**json.loads(item.get("metrics_json") or "{}"), "replica_id": item["replica_id"]}
+        for item in items
+    ]
 
 
 def _encode_token(key: dict[str, Any]) -> str:

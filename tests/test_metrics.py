@@ -367,6 +367,22 @@ def test_summaries_are_stored_and_listed(two_replicas):
     assert body["summaries"][0]["ttft_ms_p50"] == 3.0
 
 
+def test_summary_keeps_empty_and_type_keys(two_replicas):
+    job_id, feed_a, _ = two_replicas
+    client = feed_a.client
+    metrics = {"": True, "BOOL": True, "S": {"N": 1, "M": [None, "x"]}}
+    response = support.post(
+        client,
+        f"/job/{job_id}/metrics/summary",
+        {"replica_id": feed_a.replica_id, "metrics": metrics},
+        feed_a.token,
+    )
+    assert response.status_code == 200, response.body
+    listed = support.get(client, f"/job/{job_id}/replicas/summaries")
+    assert listed.status_code == 200, listed.body
+    assert listed.json_body["summaries"] == [{**metrics, "replica_id": feed_a.replica_id}]
+
+
 class DynamoRequests:
     """Counts DynamoDB requests by operation, and the items each Query returned."""
 

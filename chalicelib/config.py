@@ -47,6 +47,9 @@ class Settings:
     # wss:// URL of the WebSocket API stage, which the dashboard page connects to; empty where
     # there is none (the local stack: Chalice's local server serves no WebSockets).
     websocket_url: str = ""
+    # Model names this deployment's engines serve; empty means any. The local stack with
+    # llama-server serves one model file, so it names that model here.
+    served_models: tuple[str, ...] = ()
 
 
 def load_settings() -> Settings:
@@ -69,4 +72,9 @@ def load_settings() -> Settings:
         metrics_ttl_days=_int_env("TANDEMN_METRICS_TTL_DAYS", 30),
         stage=os.environ.get("TANDEMN_STAGE") or "dev",
         websocket_url=os.environ.get("TANDEMN_WEBSOCKET_URL", ""),
+        served_models=tuple(
+            name.strip()
+            for name in os.environ.get("TANDEMN_SERVED_MODELS", "").split(",")
+            if name.strip()
+        ),
     )

@@ -46,6 +46,13 @@ def _invalid_input(result: validation.ValidationResult, input_file: str) -> Inva
 
 
 def submit(settings: Settings, request: SubmitBatchRequest) -> dict[str, Any]:
+    if settings.served_models and request.model_name not in settings.served_models:
+        served = ", ".join(settings.served_models)
+        raise InvalidRequest(
+            f"model_name {request.model_name!r} is not served here: this deployment's engines "
+            f"serve only {served}; submit the job with one of those names",
+            field="model_name",
+        )
     bucket, key = storage.parse_s3_uri(request.input_file)
     head = storage.head_object(bucket, key)
     if head is None:

@@ -24,7 +24,7 @@ from tandemn.stack_process import PROJECT_DIR, StackProcess
 DEMO_INPUT = PROJECT_DIR / "examples" / "demo_batch.jsonl"
 DEMO_OUTPUT = PROJECT_DIR / "out" / "demo" / "output.jsonl"
 STACK_LOG = PROJECT_DIR / ".cache" / "local" / "logs" / "demo-stack.log"
-MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+MODEL_NAME = engine_paths.SERVED_MODEL_NAME
 
 console = Console()
 

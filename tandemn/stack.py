@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tandemn import engine_paths
+
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 DEFAULT_API_PORT = 26336
 
@@ -107,6 +109,10 @@ class LocalStack:
         environment["TANDEMN_HEARTBEAT_INTERVAL"] = "5"
         if self.options.lease_seconds:
             environment["TANDEMN_LEASE_SECONDS"] = str(self.options.lease_seconds)
+        # llama-server serves its one model file whatever model name a job requests, so the API
+        # rejects other names instead of answering them with this model.
+        if self.options.engine_binary is not None:
+            environment["TANDEMN_SERVED_MODELS"] = engine_paths.SERVED_MODEL_NAME
         os.environ.update(environment)
         self._environment = environment
         try:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tandemn.api_client import ApiClient
+from tandemn.api_client import ApiClient, ApiError
 from tests import support
 from tests.localstack_support import (
     PROJECT_DIR,
@@ -119,6 +119,11 @@ def test_real_engine_survives_sigkill_of_a_replica(tmp_path):
             tmp_path / "in.jsonl", 12, max_tokens=24, prompt="Write one sentence about the sea."
         )
         uri = client.upload(tmp_path / "in.jsonl")
+        # llama-server serves only its SmolLM2 file, so another model name is rejected.
+        with pytest.raises(ApiError) as rejected:
+            client.post("/submit/batch", {"model_name": "org/Other-8B", "input_file": uri})
+        assert rejected.value.status_code == 400
+        assert "SmolLM2-135M-Instruct" in str(rejected.value)
         submitted = client.post(
             "/submit/batch",
             {

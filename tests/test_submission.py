@@ -232,3 +232,19 @@ def test_nan_in_body_is_rejected(client, aws_account):
     assert response.status_code == 400
     assert "NaN" in response.json_body["message"]
     assert "finite" in response.json_body["message"]
+
+
+def test_model_not_served_is_rejected(client, aws_account, monkeypatch):
+    monkeypatch.setenv("TANDEMN_SERVED_MODELS", "org/Served-1B")
+    response = submit_bytes(client, aws_account, support.jsonl(GOOD))
+    assert response.status_code == 400, response.body
+    assert response.json_body["field"] == "model_name"
+    assert "'org/Tiny-1B'" in response.json_body["message"]
+    assert "org/Served-1B" in response.json_body["message"]
+    assert job_count(aws_account) == 0
+
+
+def test_served_model_is_accepted(client, aws_account, monkeypatch):
+    monkeypatch.setenv("TANDEMN_SERVED_MODELS", "org/Other-7B, org/Tiny-1B")
+    response = submit_bytes(client, aws_account, support.jsonl(GOOD))
+    assert response.status_code == 200, response.body

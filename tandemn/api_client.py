@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -10,6 +11,11 @@ from typing import Any
 import httpx
 
 DEFAULT_API_URL = "http://127.0.0.1:26336"
+# `tandemn local up` writes stack.pid and stack.json here, so that other commands find a stack
+# started on another --port. The variable moves the folder, so a test's stack leaves the files
+# of the user's stack alone.
+LOCAL_STATE_DIR = Path(__file__).resolve().parent.parent / ".cache" / "local"
+STATE_DIR_VARIABLE = "TANDEMN_LOCAL_STATE_DIR"
 
 
 class ApiError(Exception):
@@ -21,8 +27,26 @@ class ApiError(Exception):
         self.body = body
 
 
+def local_state_dir() -> Path:
+    """Returns the folder where `tandemn local up` writes its pid and its addresses."""
+    directory = os.environ.get(STATE_DIR_VARIABLE)
+    return Path(directory) if directory else LOCAL_STATE_DIR
+
+
+def running_local_stack_url() -> str | None:
+    """Returns the API URL of the running `tandemn local up` stack, or None when none runs."""
+    state = local_state_dir()
+    try:
+        pid = int((state / "stack.pid").read_text().strip())
+        os.kill(pid, 0)
+        return json.loads((state / "stack.json").read_text())["api_url"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def default_api_url() -> str:
-    return os.environ.get("TANDEMN_API_URL", DEFAULT_API_URL)
+    """Returns $TANDEMN_API_URL, else the running local stack's URL, else the default port's."""
+    return os.environ.get("TANDEMN_API_URL") or running_local_stack_url() or DEFAULT_API_URL
 
 
 def _error_message(response: httpx.Response) -> tuple[str, Any]:

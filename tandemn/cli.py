@@ -22,7 +22,7 @@ from rich.progress import (
 from rich.table import Table
 
 from tandemn import cli_metrics, cli_replicas, cli_web
-from tandemn.api_client import ApiClient, ApiError
+from tandemn.api_client import LOCAL_STATE_DIR, ApiClient, ApiError, local_state_dir
 from tandemn.cli_common import (
     _call,
     _client,
@@ -43,17 +43,13 @@ app.add_typer(local_app, name="local")
 
 
 TERMINAL_STATUSES = {"succeeded", "completed_with_errors", "failed", "cancelled"}
-PID_FILE = Path(__file__).resolve().parent.parent / ".cache" / "local" / "stack.pid"
-# The running local stack's addresses, for `tandemn deploy --local`.
+PID_FILE = LOCAL_STATE_DIR / "stack.pid"
+# The running local stack's addresses, for `tandemn deploy --local` and the default API URL.
 STACK_FILE = PID_FILE.with_name("stack.json")
-# A directory for both files in place of .cache/local, so that a test's stack leaves the files
-# of the user's stack alone.
-STATE_DIR_VARIABLE = "TANDEMN_LOCAL_STATE_DIR"
 
 
 def _pid_file() -> Path:
-    directory = os.environ.get(STATE_DIR_VARIABLE)
-    return Path(directory) / PID_FILE.name if directory else PID_FILE
+    return local_state_dir() / PID_FILE.name
 
 
 def _stack_file() -> Path:
@@ -63,7 +59,8 @@ def _stack_file() -> Path:
 ApiUrl = typer.Option(
     None,
     "--api-url",
-    help="Control-plane URL (default: $TANDEMN_API_URL or http://127.0.0.1:26336).",
+    help="Control-plane URL (default: $TANDEMN_API_URL, else the running `tandemn local up` "
+    "stack, else http://127.0.0.1:26336).",
 )
 JsonFlag = typer.Option(False, "--json", help="Print the API's JSON instead of a table.")
 

@@ -18,7 +18,8 @@ errors = Console(stderr=True)
 ApiUrl = typer.Option(
     None,
     "--api-url",
-    help="Control-plane URL (default: $TANDEMN_API_URL or http://127.0.0.1:26336).",
+    help="Control-plane URL (default: $TANDEMN_API_URL, else the running `tandemn local up` "
+    "stack, else http://127.0.0.1:26336).",
 )
 JsonFlag = typer.Option(False, "--json", help="Print the API's JSON instead of a summary.")
 GpuType = typer.Option(None, "--gpu-type", help="GPU type, e.g. L4, L40S, A100, H100.")

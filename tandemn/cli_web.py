@@ -104,7 +104,8 @@ def web(
     api_url: str | None = typer.Option(
         None,
         "--api-url",
-        help="Control-plane URL (default: $TANDEMN_API_URL or http://127.0.0.1:26336).",
+        help="Control-plane URL (default: $TANDEMN_API_URL, else the running `tandemn local up` "
+        "stack, else http://127.0.0.1:26336).",
     ),
 ) -> None:
     """Open the web dashboard: jobs, replicas, cost, quotas, events and live charts."""

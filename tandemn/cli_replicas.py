@@ -98,6 +98,32 @@ def kill(
         console.print(f"skipped {skipped['replica_id']}: {skipped['reason']}")
     if not result["killed"]:
         raise typer.Exit(1)
+    _warn_if_no_replica_left(client, job_id)
+
+
+# Phases of a replica that will still pull work.
+_WORKING_PHASES = frozenset({"registered", "launching", "loading_model", "model_ready", "running"})
+_ENDED_STATUSES = frozenset({"succeeded", "completed_with_errors", "failed", "cancelled"})
+
+
+def _warn_if_no_replica_left(client: ApiClient, job_id: str) -> None:
+    """Warns when the job still has work but no replica that will pull it."""
+    try:
+        job = client.get(f"/job/{job_id}")
+        listed = client.get(f"/job/{job_id}/replicas")["replicas"]
+    except ApiError as error:
+        console.print(f"[yellow]warning:[/yellow] failed to read the job's replicas after the kill: {error}")
+        return
+    waiting = int(job["chunks"]["pending"]) + int(job["chunks"]["inflight"])
+    working = [r for r in listed if r["phase"] in _WORKING_PHASES]
+    if job["status"] in _ENDED_STATUSES or working or waiting == 0:
+        return
+    console.print(
+        f"[yellow]warning:[/yellow] job {job_id} has no working replica left and {waiting} "
+        f"chunks waiting; start one with `tandemn add {job_id}`",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def swap(

@@ -125,6 +125,24 @@ def test_deploy_local_launches_through_state_machines(stack, tmp_path):
     assert int(item["chunks_completed"]["N"]) == 3
 
 
+def test_kill_of_last_replica_warns(stack, tmp_path):
+    write_input(tmp_path / "in.jsonl", 20, max_tokens=1500)
+    uri = ApiClient(stack.url).upload(tmp_path / "in.jsonl")
+    submitted = ApiClient(stack.url).post(
+        "/submit/batch",
+        {"model_name": "fake/model", "input_file": uri, "replicas": 1, "chunk_size": 2},
+    )
+    job_id = submitted["job_id"]
+    only = f"{job_id}-r0"
+    wait_phase(stack, job_id, only, ("running",))
+
+    killed = invoke(stack, "kill", job_id, only)
+    assert killed.exit_code == 0, killed.output
+    assert "no working replica left" in killed.output
+    assert f"tandemn add {job_id}" in killed.output
+    assert invoke(stack, "destroy", job_id).exit_code == 0
+
+
 def test_add_kill_and_swap(stack, tmp_path):
     # 30 chunks of 3 s each: the job outlasts the swap's drain of 10 s.
     ids = write_input(tmp_path / "in.jsonl", 60, max_tokens=1500)
@@ -149,6 +167,7 @@ def test_add_kill_and_swap(stack, tmp_path):
     killed = invoke(stack, "kill", job_id, extra)
     assert killed.exit_code == 0, killed.output
     assert f"killed {extra}" in killed.output
+    assert "no working replica" not in killed.output
     assert replica_phases(stack, job_id)[extra] == "killed"
     assert processes_with_argument(f"--replica-id {extra}") == []
 

@@ -80,6 +80,28 @@ def _claim(settings: Settings, job: dict[str, Any]) -> bool:
     return True
 
 
+def _release_claim(settings: Settings, job_id: str) -> None:
+    """Ends a failed assembly's lease, so the watchdog's next pass starts it again at once."""
+    try:
+        aws.client("dynamodb").update_item(
+            TableName=settings.jobs_table,
+            Key={"job_id": {"S": job_id}},
+            UpdateExpression="SET assembly_lease_until = :zero",
+            ConditionExpression="#status = :assembling",
+            ExpressionAttributeNames={"#status": "status"},
+            ExpressionAttributeValues=dynamo.serialize(
+                {":zero": 0, ":assembling": JobStatus.ASSEMBLING.value}
+            ),
+        )
+    except ClientError as error:
+        # The lease then runs out after ASSEMBLY_LEASE_SECONDS instead.
+        logger.warning(
+            "failed to release the assembly lease", extra={"job_id": job_id, "error": str(error)}
+        )
+        return
+    logger.warning("assembly failed, lease released for a retry", extra={"job_id": job_id})
+
+
 def _iter_chunks(settings: Settings, job_id: str):
     client = aws.client("dynamodb")
     query: dict[str, Any] = {
@@ -209,6 +231,7 @@ def assemble(settings: Settings, job_id: str) -> dict[str, Any] | None:
     except Exception:
         output.abort()
         errors.abort()
+        _release_claim(settings, job_id)
         raise
     final = JobStatus.COMPLETED_WITH_ERRORS if counts.failed else JobStatus.SUCCEEDED
     fields = {

@@ -438,3 +438,28 @@ def test_stale_requeued_entry_removed(client, aws_account, job):
     assert second["chunk_id"] == "c000001"
     assert "requeued" not in _job_item(aws_account, job_id)
     assert_counters_match_items(client, aws_account, job_id)
+
+
+def test_failed_assembly_releases_its_lease(client, aws_account, job, monkeypatch):
+    from chalicelib import assembly, storage
+
+    job_id, [(replica, token), _] = job
+    real_close = storage.MultipartWriter.close
+    failures = []
+
+    def close_failing_once(writer):
+        if not failures:
+            failures.append(writer)
+            raise RuntimeError("injected upload failure")
+        return real_close(writer)
+
+    monkeypatch.setattr(storage.MultipartWriter, "close", close_failing_once)
+    for _ in range(5):
+        lease = support.pull(client, job_id, replica, token).json_body
+        support.write_output(aws_account, lease)
+        support.complete(client, job_id, replica, token, lease)
+    assert failures
+    failed = _job_item(aws_account, job_id)
+    assert failed["status"] == "assembling"
+    assert int(failed["assembly_lease_until"]) == 0
+    assert assembly.assemble(aws_account, job_id)["status"] == "succeeded"

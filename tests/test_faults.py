@@ -188,11 +188,13 @@ def test_sidecar_paused_past_its_lease(cluster):
 
     victim_chunks = wait_until(stop_while_holding_a_lease, 60, f"{victim} stopped with a lease")
     try:
-        # The paused lease expires, the watchdog takes it back and the other replica works on.
+        # The paused lease expires, the watchdog takes it back and the other replica leases it
+        # again. Resuming before that re-lease would let the paused replica's late completion
+        # win with the first attempt, which is allowed but not the case under test.
         wait_until(
-            lambda: chunk_item(cluster, job_id, victim_chunks[0]).get("lease_owner") != victim,
-            cluster.lease_seconds + 20,
-            f"{victim_chunks[0]} taken back from {victim}",
+            lambda: int(chunk_item(cluster, job_id, victim_chunks[0]).get("attempts", 1)) >= 2,
+            cluster.lease_seconds + 40,
+            f"{victim_chunks[0]} taken back from {victim} and leased again",
         )
         assert process_state(sidecar_pid) == "T"
     finally:

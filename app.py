@@ -761,5 +761,5 @@ def dashboard_token():
 @app.route("/dashboard/ws-token", methods=["POST"], content_types=JSON)
 @handle_errors
 def dashboard_websocket_token():
-    # The page cannot call the IAM-signed POST /ws/token; its dashboard token stands in.
+    # The page cannot call the IAM-signed POST /ws/token, so it presents its dashboard token.
     return json_response(live.issue_connect_token(_dashboard_settings()))

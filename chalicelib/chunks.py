@@ -186,8 +186,8 @@ def _claim_first_pass(settings: Settings, job_id: str) -> dict[str, Any] | None:
     """Advances the first-pass cursor by one atomic update; returns the job item after it.
 
     Concurrent pullers each get a different index without racing on a condition. The claim only
-    applies while no requeued chunk waits (those are served first) and the job accepts work;
-    otherwise it returns None and the caller reads the job.
+    applies while no requeued chunk waits, because those are served first, and while the job
+    accepts work. Otherwise it returns None and the caller reads the job.
     """
     values = {":one": 1, ":zero": 0, **_accepting_values()}
     try:

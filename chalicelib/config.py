@@ -44,8 +44,8 @@ class Settings:
     # The Chalice stage: "local" (the local stack on 127.0.0.1, where the dashboard needs no
     # token), "test", or a deployed stage ("dev"). Unset counts as deployed.
     stage: str = "dev"
-    # wss:// URL of the WebSocket API stage, which the dashboard page connects to; empty where
-    # there is none (the local stack: Chalice's local server serves no WebSockets).
+    # wss:// URL of the WebSocket API stage, which the dashboard page connects to. Empty where
+    # there is none, such as the local stack, because Chalice's local server serves no WebSockets.
     websocket_url: str = ""
     # Model names this deployment's engines serve; empty means any. The local stack with
     # llama-server serves one model file, so it names that model here.

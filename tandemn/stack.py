@@ -109,8 +109,8 @@ class LocalStack:
         environment["TANDEMN_HEARTBEAT_INTERVAL"] = "5"
         if self.options.lease_seconds:
             environment["TANDEMN_LEASE_SECONDS"] = str(self.options.lease_seconds)
-        # llama-server serves its one model file whatever model name a job requests, so the API
-        # rejects other names instead of answering them with this model.
+        # llama-server serves its one model file whatever model name a job requests. The API
+        # therefore rejects other names, so no job gets this model under another name.
         if self.options.engine_binary is not None:
             environment["TANDEMN_SERVED_MODELS"] = engine_paths.SERVED_MODEL_NAME
         os.environ.update(environment)

@@ -118,7 +118,7 @@ def test_sidecar_bundle_holds_the_package(tmp_path):
         assert sorted(archive.namelist()) == sorted(names)
 
 
-def test_every_table_reaches_the_functions_by_its_generated_name():
+def test_table_names_reach_functions_by_ref():
     """CloudFormation names the tables, so each one's name must reach the functions by Ref."""
     template = merge_template()
     variables = template["Globals"]["Function"]["Environment"]["Variables"]

@@ -324,14 +324,20 @@ def _requeue_claimed(settings: Settings, job_id: str, replica_id: str, index: in
     )
 
 
-def _forget_requeued(settings: Settings, job_id: str, index: int) -> None:
-    """Drops ``index`` from ``requeued`` if its chunk is no longer pending, in one transaction."""
+def _change_requeued_if(
+    settings: Settings, job_id: str, index: int, *, action: str, chunk_condition: str
+) -> bool:
+    """Adds or deletes ``index`` in ``requeued`` if the chunk meets ``chunk_condition``.
+
+    One transaction: a ``ConditionCheck`` on the chunk item and the update of the job item.
+    ``action`` is ``ADD`` or ``DELETE``. Returns False when the condition did not hold.
+    """
     items = [
         {
             "ConditionCheck": {
                 "TableName": settings.chunks_table,
                 "Key": {"job_id": {"S": job_id}, "chunk_index": {"N": str(index)}},
-                "ConditionExpression": "#status <> :pending",
+                "ConditionExpression": chunk_condition,
                 "ExpressionAttributeNames": {"#status": "status"},
                 "ExpressionAttributeValues": dynamo.serialize(
                     {":pending": ChunkStatus.PENDING.value}
@@ -342,7 +348,7 @@ def _forget_requeued(settings: Settings, job_id: str, index: int) -> None:
             "Update": {
                 "TableName": settings.jobs_table,
                 "Key": {"job_id": {"S": job_id}},
-                "UpdateExpression": "DELETE requeued :idx_set",
+                "UpdateExpression": f"{action} requeued :idx_set",
                 "ExpressionAttributeValues": dynamo.serialize({":idx_set": {index}}),
             }
         },
@@ -352,6 +358,15 @@ def _forget_requeued(settings: Settings, job_id: str, index: int) -> None:
     except ClientError as error:
         if not dynamo.is_transaction_cancelled(error):
             raise
+        return False
+    return True
+
+
+def _forget_requeued(settings: Settings, job_id: str, index: int) -> None:
+    """Drops ``index`` from ``requeued`` if its chunk is no longer pending, in one transaction."""
+    if not _change_requeued_if(
+        settings, job_id, index, action="DELETE", chunk_condition="#status <> :pending"
+    ):
         return
     logger.warning(
         "stale requeued entry removed: its chunk is not pending",
@@ -395,32 +410,9 @@ def recover_unreachable(settings: Settings, job: dict[str, Any], now: float) -> 
             index = int(dynamo.deserialize(raw)["chunk_index"])
             if index in requeued:
                 continue
-            items = [
-                {
-                    "ConditionCheck": {
-                        "TableName": settings.chunks_table,
-                        "Key": {"job_id": {"S": job_id}, "chunk_index": {"N": str(index)}},
-                        "ConditionExpression": "#status = :pending",
-                        "ExpressionAttributeNames": {"#status": "status"},
-                        "ExpressionAttributeValues": dynamo.serialize(
-                            {":pending": ChunkStatus.PENDING.value}
-                        ),
-                    }
-                },
-                {
-                    "Update": {
-                        "TableName": settings.jobs_table,
-                        "Key": {"job_id": {"S": job_id}},
-                        "UpdateExpression": "ADD requeued :idx_set",
-                        "ExpressionAttributeValues": dynamo.serialize({":idx_set": {index}}),
-                    }
-                },
-            ]
-            try:
-                client.transact_write_items(TransactItems=items)
-            except ClientError as error:
-                if not dynamo.is_transaction_cancelled(error):
-                    raise
+            if not _change_requeued_if(
+                settings, job_id, index, action="ADD", chunk_condition="#status = :pending"
+            ):
                 continue
             recovered += 1
             logger.warning(

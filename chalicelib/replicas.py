@@ -39,6 +39,9 @@ TOKEN_PREFIX = "trk_"
 AUTH_CACHE_SECONDS = 300.0
 AUTH_CACHE_MAX_ENTRIES = 10_000
 _auth_cache: dict[str, tuple[float, dict[str, Any]]] = {}
+# A replica passes through at most six phases on its way to a terminal one, so five re-reads
+# cover a user's request racing the replica's own phase reports.
+TRANSITION_ATTEMPTS = 5
 
 
 def hash_token(token: str) -> str:
@@ -199,20 +202,53 @@ def transition_replica(
     *,
     reason: str | None = None,
 ) -> str:
-    """Moves a replica to ``target`` when allowed; returns the phase it came from."""
-    replica = get_replica(settings, job_id, replica_id)
-    if replica is None:
-        raise NotFound(f"replica {replica_id!r} of job {job_id!r} not found")
-    current = replica["phase"]
-    if current == target.value:
-        return current
-    sources = replica_sources_for(target)
-    if ReplicaPhase(current) not in sources:
-        raise Conflict(
-            f"replica {replica_id!r} cannot move from {current!r} to {target.value!r}",
-            replica_id=replica_id,
-            current_phase=current,
+    """Moves a replica to ``target`` when allowed and returns the phase it came from.
+
+    The write is conditional on the phase it read. When the replica moves in between (a sidecar
+    reporting ``running`` while a user kills it), the phase is read again and the move retried as
+    long as the new phase still allows it.
+    """
+    for attempt in range(1, TRANSITION_ATTEMPTS + 1):
+        replica = get_replica(settings, job_id, replica_id)
+        if replica is None:
+            raise NotFound(f"replica {replica_id!r} of job {job_id!r} not found")
+        current = replica["phase"]
+        if current == target.value:
+            return current
+        if ReplicaPhase(current) not in replica_sources_for(target):
+            raise Conflict(
+                f"replica {replica_id!r} cannot move from {current!r} to {target.value!r}",
+                replica_id=replica_id,
+                current_phase=current,
+            )
+        if _write_phase(settings, job_id, replica_id, current, target, reason):
+            break
+        logger.info(
+            "replica phase changed during a transition, reading it again",
+            extra={"job_id": job_id, "replica_id": replica_id, "attempt": attempt},
         )
+    else:
+        raise Conflict(
+            f"replica {replica_id!r} changed phase {TRANSITION_ATTEMPTS} times during the request;"
+            " retry the request"
+        )
+    logger.info(
+        "replica phase changed",
+        extra={"job_id": job_id, "replica_id": replica_id, "phase": target.value, "from": current},
+    )
+    state_events.replica_transitioned(settings, job_id, replica_id, current, target.value, reason)
+    return current
+
+
+def _write_phase(
+    settings: Settings,
+    job_id: str,
+    replica_id: str,
+    current: str,
+    target: ReplicaPhase,
+    reason: str | None,
+) -> bool:
+    """Writes ``target`` if the phase is still ``current``, and returns False if it moved."""
     values: dict[str, Any] = {":target": target.value, ":now": time.time(), ":current": current}
     expression = "SET phase = :target, updated_at = :now"
     if reason:
@@ -228,16 +264,9 @@ def transition_replica(
         )
     except ClientError as error:
         if dynamo.is_condition_failure(error):
-            raise Conflict(
-                f"replica {replica_id!r} changed phase concurrently; retry the request"
-            ) from error
+            return False
         raise
-    logger.info(
-        "replica phase changed",
-        extra={"job_id": job_id, "replica_id": replica_id, "phase": target.value, "from": current},
-    )
-    state_events.replica_transitioned(settings, job_id, replica_id, current, target.value, reason)
-    return current
+    return True
 
 
 def is_terminal(phase: str) -> bool:

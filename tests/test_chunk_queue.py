@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from chalicelib import aws, chunks, dynamo
+from chalicelib import aws, chunks, dynamo, replicas
+from chalicelib.states import ReplicaPhase
 from tests import support
 
 
@@ -259,6 +260,30 @@ def test_kill_skips_replicas_of_other_jobs(client, aws_account, job):
     assert response.status_code == 200
     assert response.json_body["killed"] == []
     assert response.json_body["skipped"][0]["replica_id"] == "someone-else-v2-r0"
+
+
+def test_kill_retries_after_concurrent_phase_change(client, aws_account, job, monkeypatch):
+    job_id, [(first, _), _] = job
+    read = replicas.get_replica
+    reads = []
+    raced = []
+
+    def read_then_report_ready(settings, job_id_, replica_id):
+        item = read(settings, job_id_, replica_id)
+        reads.append(replica_id)
+        # The kill reads the replica once to check it and once inside the transition. The
+        # sidecar reports its engine ready right after that second read.
+        if len(reads) == 2:
+            raced.append(replica_id)
+            replicas.transition_replica(settings, job_id_, replica_id, ReplicaPhase.MODEL_READY)
+        return item
+
+    monkeypatch.setattr(replicas, "get_replica", read_then_report_ready)
+    response = support.post(client, f"/job/{job_id}/kill", {"replica_ids": [first]})
+    assert response.status_code == 200, response.json_body
+    assert response.json_body["killed"] == [first]
+    assert raced == [first]
+    assert read(aws_account, job_id, first)["phase"] == "killed"
 
 
 def test_exhausted_retry_budget_fails_chunk_with_error_records(client, aws_account, clock):

@@ -1,7 +1,8 @@
-"""Teardown of a job whose chunks have all ended, or that failed: assemble the output, write the
-run report, terminate every instance unless the job asked to ``persist``.
+"""Teardown of a job whose chunks have all ended, or that failed: assemble the output, terminate
+every instance unless the job asked to ``persist``, then write the run report.
 
-The teardown state machine (``<job>-teardown``) runs the three tasks in order. Where no teardown
+The teardown state machine (``<job>-teardown``) runs the three tasks in order. The report comes
+last so that it records each replica's final phase and the cost up to its stop. Where no teardown
 state machine is configured (tests that use the ``external`` provider only) the same tasks run
 through ``chalicelib/background.py``.
 """
@@ -136,8 +137,8 @@ def teardown_in_background(payload: dict[str, Any]) -> None:
         return
     except NotFound:
         return
+    terminate_all_step(settings, event)
     try:
         write_report_step(settings, event)
     except Exception:
         logger.exception("run report failed", extra=event)
-    terminate_all_step(settings, event)

@@ -241,3 +241,5 @@ def test_finished_job_tears_down_its_replicas(lifecycle_stack):
     replica = stack.replica(job_id, replica_id)
     assert replica["phase"] == "completed"
     assert replica["chunks_completed"] == 2
+    run = support.get(stack.client, f"/analytics/runs/{job_id}").json_body["run"]
+    assert run["replicas"][0]["phase"] == "completed"

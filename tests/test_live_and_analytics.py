@@ -362,6 +362,8 @@ def test_assembly_writes_run_report(job_and_replica, aws_account):
     assert run["tokens"]["source"] == "engine"
     assert run["latency"]["ttft_ms_p50"] is not None
     assert run["num_replicas"] == 1
+    # The teardown stops the replica before it writes the report.
+    assert run["replicas"][0]["phase"] == "completed"
     assert run["runtime"]["generation_time_sec"] > 0
     report = aws.client("s3").get_object(
         Bucket=aws_account.bucket, Key=f"jobs/{job_id}/report.json"

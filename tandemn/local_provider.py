@@ -67,7 +67,7 @@ class LocalProvider:
         self._monitor = threading.Thread(target=self._watch, name="local-provider", daemon=True)
         self._monitor.start()
 
-    def _engine_command(self, port: int) -> list[str]:
+    def _engine_command(self, port: int, model_name: str | None) -> list[str]:
         if self.engine.server_binary is None:
             return [
                 sys.executable,
@@ -93,6 +93,9 @@ class LocalProvider:
             "--threads", str(self.engine.threads),
             "--metrics",
             "--no-webui",
+            # Without an alias llama-server names the model by its file path, and every output
+            # record would carry that path as its "model" in place of the job's model name.
+            *(["--alias", model_name] if model_name else []),
             *self.engine.extra_arguments,
         ]
 
@@ -105,7 +108,7 @@ class LocalProvider:
         engine_log = open(self.log_dir / f"{replica_id}.engine.log", "ab")
         sidecar_log = open(self.log_dir / f"{replica_id}.sidecar.log", "ab")
         engine = subprocess.Popen(
-            self._engine_command(port),
+            self._engine_command(port, config.get("model_name")),
             stdout=engine_log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

@@ -20,6 +20,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tandemn import engine_paths
 
@@ -203,6 +204,7 @@ class LocalStack:
         os.environ.update(self._environment)
         self._lambda_bridge.set_handlers(app.handler_map)
         self._server = factory.create_local_server(app, config, "127.0.0.1", self.options.api_port)
+        self._server.server.handle_error = _log_request_error
         self._server_thread = threading.Thread(
             target=self._server.server.serve_forever, name="chalice-local", daemon=True
         )
@@ -253,3 +255,20 @@ class LocalStack:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+def _log_request_error(request: Any, client_address: tuple[str, int]) -> None:
+    """Logs a request that failed in the local API server as one line, or with its traceback.
+
+    A client that closes its connection before the response is written (a dashboard tab closed
+    while its event stream waits) is routine, so it gets one line instead of the server's default
+    traceback on stderr.
+    """
+    error = sys.exc_info()[1]
+    if isinstance(error, (BrokenPipeError, ConnectionResetError)):
+        logger.info(
+            "client closed the connection before the response was written",
+            extra={"client_port": client_address[1], "error": type(error).__name__},
+        )
+        return
+    logger.exception("local API request failed", extra={"client_port": client_address[1]})

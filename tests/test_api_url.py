@@ -1,8 +1,10 @@
-"""The CLI's default control-plane URL: the variable, then the running local stack, then 26336."""
+"""The local stack's address as the CLI finds it (the variable, then the running local stack,
+then 26336) and how the stack's API server logs failed requests."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -55,3 +57,29 @@ def test_unreadable_files_use_default_port(state_dir, pid_text, stack_text):
 
 def test_no_files_use_default_port(state_dir):
     assert default_api_url() == DEFAULT_API_URL
+
+
+def test_request_error_log_closed_connection(caplog):
+    from tandemn import stack
+
+    caplog.set_level(logging.INFO, logger=stack.logger.name)
+    try:
+        raise BrokenPipeError(32, "Broken pipe")
+    except BrokenPipeError:
+        stack._log_request_error(None, ("127.0.0.1", 50123))
+    (record,) = caplog.records
+    assert record.levelno == logging.INFO
+    assert record.exc_info is None
+    assert record.client_port == 50123
+
+
+def test_request_error_log_other_error(caplog):
+    from tandemn import stack
+
+    try:
+        raise ValueError("bad header")
+    except ValueError:
+        stack._log_request_error(None, ("127.0.0.1", 50123))
+    (record,) = caplog.records
+    assert record.levelno == logging.ERROR
+    assert record.exc_info[0] is ValueError

@@ -162,6 +162,9 @@ def test_real_engine_survives_sigkill_of_a_replica(tmp_path):
         assert len(seen) == len(set(seen))
         contents = [r["response"]["body"]["choices"][0]["message"]["content"] for r in output]
         assert all(text.strip() for text in contents)
+        # The engine names the model as the job did, not by the path of its GGUF file.
+        models = {r["response"]["body"]["model"] for r in output}
+        assert models == {"HuggingFaceTB/SmolLM2-135M-Instruct"}
     finally:
         assert stack.stop() == 0
 

@@ -102,6 +102,9 @@ class Solution:
                 f"{_LATE_REASONS.get(code, code)} ({count} candidates)"
                 for code, count in sorted(counts.items(), key=lambda item: -item[1])
             ]
+            fastest = [e["minimum_hours"] for e in self.dropped if "minimum_hours" in e]
+            if fastest:
+                texts.append(f"none can finish in under about {min(fastest)} h")
             return f"{self.fitting_configs} configurations fit in memory, but " + "; ".join(texts)
         by_size = sorted(
             self.dropped,
@@ -241,7 +244,16 @@ def _configs(
                         f"start-up (about {startup / 60:.0f} min) and the longest request alone "
                         f"(about {drain / 60:.0f} min) take longer than the deadline",
                     )
-                    dropped.append(_dropped("deadline", instance, tp, pp, rejection))
+                    dropped.append(
+                        _dropped(
+                            "deadline",
+                            instance,
+                            tp,
+                            pp,
+                            rejection,
+                            minimum_hours=round((startup + drain) / 3600, 2),
+                        )
+                    )
                     continue
                 config = _Config(instance, tp, pp, fit, startup, drain, 1, False)
                 _size_replicas(config, arch, workload, deadline, options.max_replicas)
@@ -439,7 +451,12 @@ def solve(
     _rank(placements)
     dropped = _merge_regions(dropped)
     sources = {"quota_source": quota_source.name, "price_source": price_source.name}
-    return Solution(placements, dropped, max_model_len, warnings, sources, len(configs))
+    # A configuration whose start-up outlasts the deadline still fits in memory, so the reason
+    # reported for an empty result is the deadline, not the memory of the largest shapes.
+    too_slow = sum(1 for entry in dropped if entry["code"] == "deadline_startup")
+    return Solution(
+        placements, dropped, max_model_len, warnings, sources, len(configs) + too_slow
+    )
 
 
 # Request handling: /test/placement, POST /submit/batch and GET /resources.

@@ -216,6 +216,16 @@ def test_zero_quota_gives_only_reasons():
     assert "quota" in solution.infeasibility()
 
 
+def test_impossible_deadline_names_startup():
+    solution = solve(LLAMA_8B, Workload(1000, 500, 1000, 200, 512), 0.05)
+    assert solution.placements == []
+    reason = solution.infeasibility()
+    assert "take longer than the deadline" in reason
+    assert "none can finish in under about 0.17 h" in reason
+    # The memory and sharding reasons of the largest shapes are not what stopped this job.
+    assert "tp8 pp4" not in reason
+
+
 def test_spot_without_price_is_dropped_not_guessed():
     solution = solve(LLAMA_8B, Workload(1000, 500, 1000, 200, 512), 4)
     assert {p["market"] for p in solution.placements} == {"on_demand"}

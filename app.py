@@ -132,6 +132,7 @@ def get_job(job_id):
     job = jobs.get_job(settings, path_id(job_id, "job_id"))
     view = jobs.job_view(settings, job)
     view["cost"] = cost.cost_of_job(settings, job)
+    view["warnings"] = jobs.job_warnings(view)
     return json_response(view)
 
 

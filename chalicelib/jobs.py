@@ -17,7 +17,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from chalicelib import aws, dynamo, state_events
+from chalicelib import aws, deadline, dynamo, state_events
 from chalicelib.config import Settings
 from chalicelib.models import ID_RE
 from chalicelib.errors import Conflict, InvalidRequest, NotFound
@@ -203,7 +203,58 @@ def job_view(settings: Settings, job: dict[str, Any]) -> dict[str, Any]:
     for key in ("placement_solver", "placements", "placement_warning"):
         if job.get(key):
             view[key] = job[key]
+    view["deadline"] = deadline_view(job)
     return view
+
+
+def deadline_view(job: dict[str, Any], now: float | None = None) -> dict[str, Any]:
+    """Builds the job's deadline: when it falls, the projected finish and by how much it was missed.
+
+    A running job gets the projection of ``chalicelib/deadline.py``. A finished job gets
+    ``missed_by_sec``, zero when it finished in time.
+    """
+    projection = deadline.project(job, now)
+    view: dict[str, Any] = {"deadline_at": round(projection.deadline_at, 3)}
+    finished_at = job.get("finished_at")
+    if JobStatus(job["status"]) in JOB_TERMINAL:
+        if finished_at is not None:
+            view["missed_by_sec"] = round(max(0.0, float(finished_at) - projection.deadline_at), 1)
+        return view
+    finish = projection.projected_finish_at
+    view["projected_finish_at"] = None if finish is None else round(finish, 3)
+    view["at_risk"] = projection.at_risk
+    return view
+
+
+def job_warnings(view: dict[str, Any]) -> list[str]:
+    """Lists what a user should act on in a job view that carries its ``cost`` object.
+
+    A job with work left and no replica running or starting makes no progress until one is
+    added, and a missed or threatened deadline is stated with its size.
+    """
+    warnings = []
+    job_id = view["job_id"]
+    chunks = view["chunks"]
+    waiting = chunks["pending"] + chunks["inflight"]
+    terminal = JobStatus(view["status"]) in JOB_TERMINAL
+    # A validating job has no chunks to lease yet, and an assembling one needs no replica.
+    needs_replica = view["status"] not in (JobStatus.VALIDATING.value, JobStatus.ASSEMBLING.value)
+    if not terminal and needs_replica and waiting and view["cost"]["num_running_replicas"] == 0:
+        warnings.append(
+            f"no replica is running or starting, so {waiting} chunks wait; add one with "
+            f"`tandemn add {job_id}` (POST /job/{job_id}/scale)"
+        )
+    schedule = view["deadline"]
+    if schedule.get("missed_by_sec"):
+        warnings.append(f"finished {schedule['missed_by_sec'] / 3600:.2f} h after its deadline")
+    elif schedule.get("at_risk"):
+        finish = schedule.get("projected_finish_at")
+        if finish is None:
+            warnings.append("its deadline has passed and no chunk has completed yet")
+        else:
+            behind = (finish - schedule["deadline_at"]) / 3600
+            warnings.append(f"at its current pace it finishes {behind:.2f} h after its deadline")
+    return warnings
 
 
 def _encode_page_token(key: dict[str, Any]) -> str:

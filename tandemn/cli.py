@@ -287,6 +287,7 @@ def status(
         ),
         ("requests done", job.get("requests_done")),
         ("output tokens", job.get("generation_tokens_total")),
+        ("deadline", _deadline_cell(job.get("deadline"))),
         ("output", job.get("output_file") or job.get("output_location")),
     ):
         table.add_row(label, str(value))
@@ -297,6 +298,18 @@ def status(
         for error in job["validation_errors"]:
             table.add_row("input error", error["message"])
     console.print(table)
+    for warning in job.get("warnings") or []:
+        errors.print(f"[yellow]warning:[/yellow] {warning}", highlight=False, soft_wrap=True)
+
+
+def _deadline_cell(deadline: dict[str, Any] | None) -> str:
+    if not deadline:
+        return "-"
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(deadline["deadline_at"]))
+    if "missed_by_sec" in deadline:
+        missed = deadline["missed_by_sec"]
+        return f"{when} (missed by {missed / 3600:.2f} h)" if missed else f"{when} (met)"
+    return f"{when} (at risk)" if deadline.get("at_risk") else when
 
 
 def _follow_json(client: ApiClient, job_id: str, interval: float) -> dict[str, Any]:

@@ -102,6 +102,46 @@ def test_job_behind_its_deadline_is_flagged(client, aws_account):
     # The flag is written when it changes, not on every pass.
     assert watchdog.run_once(aws_account)["deadline_at_risk"] == []
 
+    view = support.get(client, f"/job/{job_id}").json_body
+    assert view["deadline"]["at_risk"] is True
+    assert view["deadline"]["projected_finish_at"] > view["deadline"]["deadline_at"]
+    assert any("finishes" in w and "after its deadline" in w for w in view["warnings"])
+
+
+def test_job_view_warns_without_working_replica(client, aws_account):
+    job = support.submit_job(client, aws_account, 8, 2)
+    job_id = job["job_id"]
+    (replica_id,) = support.add_replicas(client, job_id, 1)
+    assert support.get(client, f"/job/{job_id}").json_body["warnings"] == []
+
+    support.post(client, f"/job/{job_id}/kill", {"replica_ids": [replica_id]})
+    view = support.get(client, f"/job/{job_id}").json_body
+    (warning,) = view["warnings"]
+    assert "no replica is running or starting, so 4 chunks wait" in warning
+    assert f"tandemn add {job_id}" in warning
+
+
+def test_deadline_view_of_finished_jobs():
+    created = 1_000_000.0
+    job = {
+        "status": "succeeded",
+        "created_at": created,
+        "requested": {"slo_deadline_hours": 1.0},
+        "finished_at": created + 5400,
+    }
+    assert jobs.deadline_view(job) == {"deadline_at": created + 3600, "missed_by_sec": 1800.0}
+    view = {
+        "job_id": "j",
+        "status": "succeeded",
+        "chunks": {"pending": 0, "inflight": 0},
+        "cost": {"num_running_replicas": 0},
+        "deadline": jobs.deadline_view(job),
+    }
+    assert jobs.job_warnings(view) == ["finished 0.50 h after its deadline"]
+
+    job["finished_at"] = created + 600
+    assert jobs.deadline_view(job)["missed_by_sec"] == 0.0
+
 
 def _spot_event(instance_id: str) -> dict:
     return {

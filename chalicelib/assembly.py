@@ -210,11 +210,86 @@ def assemble(settings: Settings, job_id: str) -> dict[str, Any] | None:
         return None
     if not _claim(settings, job):
         return None
+    try:
+        fields = _write_files(settings, job)
+    except Exception:
+        _release_claim(settings, job_id)
+        raise
+    final = JobStatus.COMPLETED_WITH_ERRORS if fields["requests_failed"] else JobStatus.SUCCEEDED
+    fields["finished_at"] = time.time()
+    jobs.transition_job(settings, job_id, final, extra_set=fields)
+    analytics.write_run_report_safely(settings, job_id)
+    logger.info(
+        "job output assembled",
+        extra={
+            "job_id": job_id,
+            "status": final.value,
+            "succeeded": fields["requests_succeeded"],
+            "failed": fields["requests_failed"],
+        },
+    )
+    return {"status": final.value, **fields}
+
+
+def assemble_cancelled(settings: Settings, job_id: str) -> dict[str, Any] | None:
+    """Assembles what a cancelled job completed; returns the fields written, None if none were.
+
+    Every input ``custom_id`` still appears once: the completed chunks' records, the failed
+    chunks' error records, and a ``batch_cancelled`` error record for each request that never
+    ran. A cancelled job accepts no completion, so two assemblers write the same successful
+    records. The job keeps its ``cancelled`` status.
+    """
+    job = jobs.get_job(settings, job_id)
+    if job["status"] != JobStatus.CANCELLED.value or job.get("output_file"):
+        return None
+    if not int(job.get("total_chunks", 0)):
+        # Cancelled while its input was validated: no chunk, so no request to account for.
+        return None
+    fields = _write_files(settings, job, cancelled=True)
+    try:
+        aws.client("dynamodb").update_item(
+            TableName=settings.jobs_table,
+            Key={"job_id": {"S": job_id}},
+            UpdateExpression="SET " + ", ".join(f"{name} = :{name}" for name in fields),
+            ConditionExpression="#status = :cancelled",
+            ExpressionAttributeNames={"#status": "status"},
+            ExpressionAttributeValues=dynamo.serialize(
+                {":cancelled": JobStatus.CANCELLED.value}
+                | {f":{name}": value for name, value in fields.items()}
+            ),
+        )
+    except ClientError as error:
+        if not dynamo.is_condition_failure(error):
+            raise
+        logger.warning("cancelled job changed status during assembly", extra={"job_id": job_id})
+        return None
+    logger.info(
+        "cancelled job's partial output assembled",
+        extra={
+            "job_id": job_id,
+            "succeeded": fields["requests_succeeded"],
+            "failed": fields["requests_failed"],
+            "cancelled": fields["requests_cancelled"],
+        },
+    )
+    return fields
+
+
+def _write_files(
+    settings: Settings, job: dict[str, Any], *, cancelled: bool = False
+) -> dict[str, Any]:
+    """Streams every chunk's records into ``output.jsonl`` and ``errors.jsonl``.
+
+    Returns the job fields that name the files and count the requests. A pending or in-flight
+    chunk is an error unless the job was ``cancelled``, where its requests get error records.
+    """
+    job_id = job["job_id"]
     prefix = jobs.output_prefix(settings, job_id)
     output = storage.MultipartWriter(settings.bucket, prefix + "output.jsonl")
     errors = storage.MultipartWriter(settings.bucket, prefix + "errors.jsonl")
     counts = _Counts()
     failed_chunks = 0
+    not_run = 0
     try:
         for chunk in _iter_chunks(settings, job_id):
             if chunk["status"] == ChunkStatus.COMPLETED.value:
@@ -222,6 +297,8 @@ def assemble(settings: Settings, job_id: str) -> dict[str, Any] | None:
             elif chunk["status"] == ChunkStatus.FAILED.value:
                 failed_chunks += 1
                 _write_failed_chunk(job, chunk, errors, counts)
+            elif cancelled:
+                not_run += _write_cancelled_chunk(job, chunk, errors)
             else:
                 raise RuntimeError(
                     f"chunk {chunk['chunk_id']} is {chunk['status']} during assembly"
@@ -231,29 +308,28 @@ def assemble(settings: Settings, job_id: str) -> dict[str, Any] | None:
     except Exception:
         output.abort()
         errors.abort()
-        _release_claim(settings, job_id)
         raise
-    final = JobStatus.COMPLETED_WITH_ERRORS if counts.failed else JobStatus.SUCCEEDED
     fields = {
         "output_file": f"s3://{settings.bucket}/{prefix}output.jsonl",
         "error_file": f"s3://{settings.bucket}/{prefix}errors.jsonl",
         "requests_succeeded": counts.succeeded,
         "requests_failed": counts.failed,
         "chunks_failed": failed_chunks,
-        "finished_at": time.time(),
     }
-    jobs.transition_job(settings, job_id, final, extra_set=fields)
-    analytics.write_run_report_safely(settings, job_id)
-    logger.info(
-        "job output assembled",
-        extra={
-            "job_id": job_id,
-            "status": final.value,
-            "succeeded": counts.succeeded,
-            "failed": counts.failed,
-        },
-    )
-    return {"status": final.value, **fields}
+    if cancelled:
+        fields["requests_cancelled"] = not_run
+    return fields
+
+
+def _write_cancelled_chunk(
+    job: dict[str, Any], chunk: dict[str, Any], errors: storage.MultipartWriter
+) -> int:
+    message = f"job {job['job_id']} was cancelled before chunk {chunk['chunk_id']} completed"
+    count = 0
+    for custom_id in _input_custom_ids(job, chunk):
+        errors.write_line(error_record(custom_id, "batch_cancelled", message))
+        count += 1
+    return count
 
 
 @background.task("assemble")

@@ -4,10 +4,10 @@ replicas and keep the chunk outputs already written.
 The job moves to ``cancelled`` first, in one conditional write, so from then on a pull hands out
 nothing (HTTP 204) and a completion is rejected with 409. Its replicas are then stopped as a kill
 stops them: ``killed``, leases back to the queue without spending retries, instance terminated,
-launch wait ended. The teardown runs last and writes the run report. A cancelled job gets no
-``output.jsonl``: the outputs of completed chunks stay at their per-attempt keys, listed on the
-chunk items (``output_key``). Cancelling a cancelled job again stops any replica left and returns
-200, so a retried request is harmless.
+launch wait ended. The teardown runs last: it assembles ``output.jsonl`` from the completed chunks
+and ``errors.jsonl`` with a ``batch_cancelled`` record for each request that never ran
+(``chalicelib/assembly.py``), then writes the run report. Cancelling a cancelled job again stops
+any replica left and returns 200, so a retried request is harmless.
 """
 
 from __future__ import annotations
@@ -85,8 +85,8 @@ def cancel_job(settings: Settings, job_id: str, reason: str | None = None) -> di
                 "replica stopped: job cancelled",
                 extra={"job_id": job_id, "replica_id": replica["replica_id"]},
             )
-    # The teardown writes the run report and lets each provider clean up after the job; its
-    # assembly step does nothing for a cancelled job. A second start finds the first execution.
+    # The teardown assembles the completed chunks' output, writes the run report and lets each
+    # provider clean up after the job. A second start finds the first execution.
     teardown.start_teardown(settings, job_id)
 
     job = jobs.get_job(settings, job_id)
@@ -103,6 +103,7 @@ def cancel_job(settings: Settings, job_id: str, reason: str | None = None) -> di
         "chunk_outputs": prefix,
         "message": (
             f"job {job_id} is cancelled; {progress['completed']} of {progress['total']} chunks "
-            f"had completed and their outputs stay under {prefix}"
+            "had completed, and their records will be in the job's output file once the "
+            f"teardown assembles it (`tandemn download {job_id}`)"
         ),
     }

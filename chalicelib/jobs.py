@@ -185,6 +185,8 @@ def job_view(settings: Settings, job: dict[str, Any]) -> dict[str, Any]:
         "error_file": job.get("error_file"),
         "requests_succeeded": job.get("requests_succeeded"),
         "requests_failed": job.get("requests_failed"),
+        # Set on a cancelled job once its teardown has assembled what completed.
+        "requests_cancelled": job.get("requests_cancelled"),
         # Reported by replicas as chunks complete; the final counts above come from assembly.
         "requests_done": int(job.get("live_requests_succeeded", 0))
         + int(job.get("live_requests_failed", 0)),

@@ -172,7 +172,7 @@ def output_links(settings: Any, job: dict[str, Any]) -> dict[str, Any]:
     if not job.get("output_file"):
         raise Conflict(
             f"job {job['job_id']!r} is {job['status']!r}; its output exists once it has "
-            "succeeded or completed with errors",
+            "succeeded, completed with errors, or been cancelled and torn down",
             job_status=job["status"],
         )
     links: dict[str, Any] = {

@@ -67,6 +67,8 @@ def assemble_step(settings: Settings, event: dict[str, Any]) -> dict[str, Any]:
     job = jobs.get_job(settings, job_id)
     if job["status"] == JobStatus.ASSEMBLING.value:
         raise AssemblyInProgress(f"job {job_id} is being assembled by another assembler")
+    if job["status"] == JobStatus.CANCELLED.value:
+        assembly.assemble_cancelled(settings, job_id)
     return {"status": job["status"]}
 
 

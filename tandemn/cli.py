@@ -536,7 +536,8 @@ def _cancel_summary(result: dict[str, Any]) -> str:
     return (
         f"job {result['job_id']} {result['status']} (was {result['previous_status']}): "
         f"replicas stopped: {stopped}; {chunks['completed']} of {chunks['total']} chunks had "
-        f"completed, their outputs stay under {result['chunk_outputs']}"
+        f"completed; their records go into the job's output, which `tandemn download "
+        f"{result['job_id']}` fetches once the teardown has assembled it"
     )
 
 

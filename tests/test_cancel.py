@@ -80,6 +80,21 @@ def test_cancel_stops_work_and_keeps_outputs(client, aws_account):
     kept = support.read_jsonl(settings.bucket, done["output_key"])
     assert len(kept) == 2
 
+    # The teardown assembles the completed requests, and a cancelled record for each of the rest.
+    links = support.get(client, f"/job/{job_id}/output")
+    assert links.status_code == 200, links.body
+    output = support.read_jsonl(settings.bucket, f"jobs/{job_id}/output.jsonl")
+    assert [r["custom_id"] for r in output] == [r["custom_id"] for r in kept]
+    cancelled = support.read_jsonl(settings.bucket, f"jobs/{job_id}/errors.jsonl")
+    assert [r["error"]["code"] for r in cancelled] == ["batch_cancelled"] * 4
+    every_id = sorted(r["custom_id"] for r in output + cancelled)
+    assert every_id == [f"req-{i:05d}" for i in range(6)]
+    view = support.get(client, f"/job/{job_id}").json_body
+    assert view["status"] == "cancelled"
+    assert view["requests_succeeded"] == 2
+    assert view["requests_failed"] == 0
+    assert view["requests_cancelled"] == 4
+
 
 def test_cancelled_job_hands_out_no_work(client, aws_account):
     settings = aws_account

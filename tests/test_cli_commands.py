@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import typer
@@ -487,9 +488,19 @@ def test_destroy_job_stops_replicas(stack, tmp_path):
     assert again.exit_code == 0, again.output
     assert json.loads(again.stdout)["already_cancelled"] is True
 
-    download = invoke(stack, "download", job_id, "-o", str(tmp_path / "o.jsonl"))
-    assert download.exit_code == 1
-    assert "HTTP 409" in download.output
+    # The teardown assembles the partial output, with every request in one of the two files.
+    deadline = time.monotonic() + 60
+    while not client.get(f"/job/{job_id}").get("output_file"):
+        assert time.monotonic() < deadline, "the cancelled job's output was not assembled"
+        time.sleep(0.5)
+    destination = tmp_path / "o.jsonl"
+    download = invoke(stack, "download", job_id, "-o", str(destination), "--json")
+    assert download.exit_code == 0, download.output
+    written = json.loads(download.stdout)
+    records = [json.loads(line) for line in destination.read_text().splitlines()]
+    errors = [json.loads(line) for line in Path(written["errors"]).read_text().splitlines()]
+    assert len(records) + len(errors) == 16
+    assert {error["error"]["code"] for error in errors} == {"batch_cancelled"}
 
 
 def test_destroy_finished_job_prints_409(stack, finished_job):

@@ -27,6 +27,7 @@ from tandemn.cli_common import (
     _call,
     _client,
     _fail,
+    print_listing,
     _print_json,
     _print_json_line,
     console,
@@ -238,19 +239,19 @@ def _local_stack_url() -> str:
     return json.loads(_stack_file().read_text())["api_url"]
 
 
-def _job_table(jobs: list[dict[str, Any]]) -> Table:
-    table = Table("job", "status", "progress", "model", "requests", "created")
-    for job in jobs:
-        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.get("created_at") or 0))
-        table.add_row(
+def _print_jobs(jobs: list[dict[str, Any]]) -> None:
+    rows = [
+        [
             job["job_id"],
             job["status"],
             f"{100 * job.get('progress', 0):.1f}%",
             str(job.get("model_name")),
             str(job.get("num_lines", 0)),
-            created,
-        )
-    return table
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.get("created_at") or 0)),
+        ]
+        for job in jobs
+    ]
+    print_listing(["job", "status", "progress", "model", "requests", "created"], rows)
 
 
 @app.command()
@@ -267,7 +268,7 @@ def status(
         if as_json:
             _print_json(listing)
         else:
-            console.print(_job_table(listing["jobs"]))
+            _print_jobs(listing["jobs"])
         return
     job = _call(client.get, f"/job/{job_id}")
     if as_json:

@@ -7,11 +7,34 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.measure import Measurement
+from rich.table import Table
 
 from tandemn.api_client import ApiClient, ApiError, default_api_url
 
 console = Console()
 errors = Console(stderr=True)
+
+
+def print_listing(headers: list[str], rows: list[list[str]]) -> None:
+    """Prints rows as a table when it fits the terminal, else as one block of lines per row.
+
+    The first column contains ids that users copy into the next command, and a table squeezed
+    into a narrow terminal cuts ids short and splits numbers across lines. Each block starts
+    with the row's id and lists the other columns as ``header: value``.
+    """
+    table = Table(*headers)
+    for row in rows:
+        table.add_row(*row)
+    # The measurement is capped at the width it is given, so give it room to find the natural one.
+    natural = Measurement.get(console, console.options.update(max_width=100_000), table).maximum
+    if natural <= console.width:
+        console.print(table)
+        return
+    for row in rows:
+        console.print(f"{headers[0]} {row[0]}", highlight=False, markup=False, soft_wrap=True)
+        for header, value in zip(headers[1:], row[1:], strict=True):
+            console.print(f"  {header}: {value}", highlight=False, markup=False, soft_wrap=True)
 
 
 def _client(api_url: str | None) -> ApiClient:

@@ -17,6 +17,7 @@ from tandemn.cli_common import (  # noqa: F401
     _call,
     _client,
     _fail,
+    print_listing,
     _print_json,
     _print_json_line,
     console,
@@ -255,34 +256,26 @@ def stream(
         time.sleep(retry or 2.0)
 
 
-def _runs_table(runs: list[dict[str, Any]]) -> Table:
-    table = Table(
-        "run",
-        "status",
-        "model",
-        "replicas",
-        "GPU",
-        "runtime s",
-        "out tok/s",
-        "cost USD",
-        "USD / M tokens",
-        "finished",
-    )
+def _print_runs(runs: list[dict[str, Any]]) -> None:
+    rows = []
     for run in runs:
         finished = run.get("finished_at")
-        table.add_row(
-            run["run_id"],
-            run.get("status") or "-",
-            str(run.get("model_name")),
-            _format(run.get("num_replicas")),
-            ", ".join(run.get("gpu_types") or []) or "-",
-            _format(run.get("total_runtime_sec")),
-            _format(run.get("output_tokens_per_sec")),
-            _format(run.get("cost_usd")),
-            _format(run.get("cost_per_million_tokens")),
-            time.strftime("%Y-%m-%d %H:%M", time.localtime(finished)) if finished else "-",
+        rows.append(
+            [
+                run["run_id"],
+                run.get("status") or "-",
+                str(run.get("model_name")),
+                _format(run.get("num_replicas")),
+                ", ".join(run.get("gpu_types") or []) or "-",
+                _format(run.get("total_runtime_sec")),
+                _format(run.get("output_tokens_per_sec")),
+                _format(run.get("cost_usd")),
+                _format(run.get("cost_per_million_tokens")),
+                time.strftime("%Y-%m-%d %H:%M", time.localtime(finished)) if finished else "-",
+            ]
         )
-    return table
+    headers = ["run", "status", "model", "replicas", "GPU", "runtime s", "out tok/s"]
+    print_listing([*headers, "cost USD", "USD / M tokens", "finished"], rows)
 
 
 def history(
@@ -306,7 +299,7 @@ def history(
     if as_json:
         _print_json(listing)
     else:
-        console.print(_runs_table(listing["runs"]))
+        _print_runs(listing["runs"])
 
 
 def inspect(

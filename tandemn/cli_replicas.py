@@ -6,14 +6,9 @@ import time
 from typing import Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from tandemn.api_client import ApiClient, ApiError, default_api_url
-from tandemn.cli_common import _print_json
-
-console = Console()
-errors = Console(stderr=True)
+from tandemn.cli_common import _print_json, console, errors, print_listing
 
 ApiUrl = typer.Option(
     None,
@@ -184,21 +179,24 @@ def replicas_command(
     if as_json:
         _print_json(result)
         return
-    table = Table("replica", "phase", "provider", "GPU", "tp", "pp", "market", "heartbeat")
     now = time.time()
+    rows = []
     for replica in result["replicas"]:
         beat = replica.get("last_heartbeat")
-        table.add_row(
-            replica["replica_id"],
-            replica["phase"],
-            str(replica.get("provider")),
-            str(replica.get("gpu_type") or "-"),
-            str(replica.get("tp_size") or "-"),
-            str(replica.get("pp_size") or "-"),
-            str(replica.get("market") or "-"),
-            f"{now - beat:.0f} s ago" if beat else "-",
+        rows.append(
+            [
+                replica["replica_id"],
+                replica["phase"],
+                str(replica.get("provider")),
+                str(replica.get("gpu_type") or "-"),
+                str(replica.get("tp_size") or "-"),
+                str(replica.get("pp_size") or "-"),
+                str(replica.get("market") or "-"),
+                f"{now - beat:.0f} s ago" if beat else "-",
+            ]
         )
-    console.print(table)
+    headers = ["replica", "phase", "provider", "GPU", "tp", "pp", "market", "heartbeat"]
+    print_listing(headers, rows)
 
 
 def register(app: typer.Typer) -> None:

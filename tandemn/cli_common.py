@@ -7,6 +7,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.measure import Measurement
 from rich.table import Table
 
@@ -42,8 +43,28 @@ def _client(api_url: str | None) -> ApiClient:
 
 
 def _fail(message: str, code: int = 1) -> None:
-    errors.print(f"[red]error:[/red] {message}", highlight=False, markup=True, soft_wrap=True)
+    # The message is escaped, so brackets from the API (a JSON path such as body[0]) stay text.
+    errors.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+# The API's messages name its JSON fields; the CLI user sets the same things with options.
+CLI_WORDS = (
+    ("send force: true", "pass --force"),
+    ("pass force: true", "pass --force"),
+    ("pass its architecture as model_architecture", "pass its config.json with --model-architecture"),
+    ("choose another gpu_type, tp_size or pp_size", "choose another --gpu-type, --tp or --pp"),
+    ("change gpu_type, tp_size, pp_size or num_replicas", "change --gpu-type, --tp, --pp or --replicas"),
+    ("add replicas with scale", "add replicas with `tandemn add`"),
+    ("listed in 'errors'", "listed below"),
+)
+
+
+def cli_words(message: str) -> str:
+    """Rewrites an API error message in the words of the CLI's options."""
+    for api_words, cli_text in CLI_WORDS:
+        message = message.replace(api_words, cli_text)
+    return message
 
 
 def _call(function, *args: Any, **kwargs: Any) -> Any:
@@ -51,7 +72,7 @@ def _call(function, *args: Any, **kwargs: Any) -> Any:
     try:
         return function(*args, **kwargs)
     except ApiError as error:
-        _fail(str(error))
+        _fail(cli_words(str(error)))
 
 
 def _print_json(data: Any) -> None:

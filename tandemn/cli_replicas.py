@@ -8,7 +8,7 @@ from typing import Any
 import typer
 
 from tandemn.api_client import ApiClient, ApiError, default_api_url
-from tandemn.cli_common import _print_json, console, errors, print_listing
+from tandemn.cli_common import _call, _print_json, console, print_listing
 
 ApiUrl = typer.Option(
     None,
@@ -27,14 +27,6 @@ OnDemand = typer.Option(
 )
 Force = typer.Option(False, "--force", help="Skip the checks that protect against idle replicas.")
 ReplicaIds = typer.Argument(..., help="Replica ids, as `tandemn replicas` lists them.")
-
-
-def _call(function: Any, *args: Any) -> Any:
-    try:
-        return function(*args)
-    except ApiError as error:
-        errors.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from error
 
 
 def _placement(gpu_type: str | None, tp: int | None, pp: int | None, on_demand: bool | None):

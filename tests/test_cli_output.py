@@ -1,11 +1,13 @@
-"""How the CLI lays out listings: a table where it fits, else one block of lines per row."""
+"""How the CLI prints: listings as a table where it fits, else one block per row, and API errors."""
 
 from __future__ import annotations
 
 import pytest
+import typer
 from rich.console import Console
 
 from tandemn import cli_common
+from tandemn.api_client import ApiError
 
 HEADERS = ["job", "status", "output tokens"]
 ROWS = [["smollm2-135m-instruct-8459e983", "completed_with_errors", "1234567"]]
@@ -35,3 +37,23 @@ def test_listing_narrow_terminal_prints_blocks(screen):
         "  status: completed_with_errors",
         "  output tokens: 1234567",
     ]
+
+
+def test_api_error_in_cli_words(monkeypatch, capsys):
+    console = Console(stderr=True, width=200, color_system=None)
+    monkeypatch.setattr(cli_common, "errors", console)
+
+    def infeasible():
+        raise ApiError(
+            "HTTP 409: the requested placement L4 tp_size 1 pp_size 1 is infeasible; choose "
+            "another gpu_type, tp_size or pp_size, or pass force: true to submit anyway; see "
+            "body[messages]",
+            409,
+        )
+
+    with pytest.raises(typer.Exit):
+        cli_common._call(infeasible)
+    printed = capsys.readouterr().err
+    assert "choose another --gpu-type, --tp or --pp, or pass --force to submit anyway" in printed
+    # Brackets from the API are printed as text, not read as console markup.
+    assert "body[messages]" in printed

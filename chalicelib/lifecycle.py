@@ -456,6 +456,16 @@ def launch_candidate(settings: Settings, event: dict[str, Any]) -> dict[str, Any
             extra={"job_id": job_id, "replica_id": replica_id, "attempt": attempt},
         )
         return {"outcome": "launched", "candidate_index": index, "attempt": attempt}
+    recorded = {int(r.get("attempt", 0)) for r in replica.get("launch_attempts") or []}
+    if attempt and attempt not in recorded and provider is not None:
+        # An earlier invocation claimed this attempt and stopped before it recorded an outcome,
+        # perhaps after its instance started. That instance is terminated before the next launch,
+        # so the crash does not leave the replica with two instances.
+        logger.warning(
+            "launch task repeated after an unfinished attempt, terminating what it started",
+            extra={"job_id": job_id, "replica_id": replica_id, "attempt": attempt},
+        )
+        provider.terminate(job_id, replica_id)
     while index < len(ranked):
         candidate = ranked[index]
         attempt += 1
@@ -680,24 +690,41 @@ def abandon_candidate(settings: Settings, event: dict[str, Any]) -> dict[str, An
     ranked = replica.get("candidates") or [{}]
     candidate = ranked[index] if index < len(ranked) else {}
     record = _attempt_record(attempt, index, candidate, outcome="abandoned", reason=reason)
-    _append_attempt(settings, job_id, replica_id, record)
     condition, values = _phase_condition(STARTING, "st")
-    values.update({":next": index + 1, ":attempt": attempt, ":now": time.time(), ":reason": reason})
+    values.update(
+        {
+            ":next": index + 1,
+            ":attempt": attempt,
+            ":now": time.time(),
+            ":reason": reason,
+            ":empty": [],
+            ":record": [record],
+        }
+    )
+    # The attempt record is appended in the same conditional write as the move, so a replica
+    # that changed meanwhile, or a repeated task, gets no record of an abandon that did not happen.
     moved = _update_replica(
         settings,
         job_id,
         replica_id,
         "SET candidate_index = :next, updated_at = :now, abandoned_attempt = :attempt, "
-        "abandon_reason = :reason REMOVE launch_task_token, instance_id, launched_attempt",
+        "abandon_reason = :reason, "
+        "launch_attempts = list_append(if_not_exists(launch_attempts, :empty), :record) "
+        "REMOVE launch_task_token, instance_id, launched_attempt",
         values,
         condition + " AND launch_attempt = :attempt",
     )
+    if not moved:
+        logger.warning(
+            "replica changed while its attempt was abandoned",
+            extra={"job_id": job_id, "replica_id": replica_id, "attempt": attempt},
+        )
+        raise ReplicaStopped(f"replica {replica_id} changed while its attempt was abandoned")
+    events.launch_attempt_recorded(settings, job_id, replica_id, record)
     logger.warning(
         "replica did not become ready, trying the next candidate",
         extra={"job_id": job_id, "replica_id": replica_id, "reason": reason, "attempt": attempt},
     )
-    if not moved:
-        raise ReplicaStopped(f"replica {replica_id} changed while its attempt was abandoned")
     return {"candidate_index": index + 1, "reason": reason}
 
 

@@ -447,6 +447,81 @@ def test_launch_task_run_twice_launches_once(client, aws_account, monkeypatch):
         providers.unregister(provider.name)
 
 
+def test_launch_task_after_crash_terminates_first(client, aws_account, monkeypatch):
+    from chalicelib import lifecycle, providers, replicas
+    from tests.lifecycle_support import RecordingProvider
+
+    monkeypatch.setattr(lifecycle, "start_scale", lambda *args, **kwargs: "no-execution")
+    provider = RecordingProvider()
+    providers.register(provider)
+    record_launched = lifecycle._record_launched
+    crashes = []
+
+    def crash_once(*args, **kwargs):
+        # The first invocation dies after the instance started and before it was recorded.
+        if not crashes:
+            crashes.append(args)
+            raise RuntimeError("Lambda stopped")
+        return record_launched(*args, **kwargs)
+
+    monkeypatch.setattr(lifecycle, "_record_launched", crash_once)
+    try:
+        job_id = support.submit_job(client, aws_account, 4, chunk_size=2)["job_id"]
+        registered = replicas.register_replicas(
+            aws_account, job_id, 1, provider="recording", config={"gpu_type": "L4"}
+        )
+        replica_id = registered["replicas"][0]["replica_id"]
+        task = {"task": "launch_candidate", "job_id": job_id, "replica_id": replica_id}
+        with pytest.raises(Exception, match="Lambda stopped"):
+            _invoke_task(client, task)
+        retried = _invoke_task(client, task)
+
+        assert retried["outcome"] == "launched"
+        first, second = provider.launches_of(replica_id)
+        terminations = provider.terminated(replica_id)
+        assert len(terminations) == 1
+        assert first.at <= terminations[0] <= second.at
+        replica = replicas.get_replica(aws_account, job_id, replica_id)
+        assert replica["token_hash"] == replicas.hash_token(second.token)
+        assert [a["outcome"] for a in replica["launch_attempts"]] == ["launched"]
+    finally:
+        providers.unregister(provider.name)
+
+
+def test_abandon_of_stopped_replica_records_nothing(client, aws_account, monkeypatch):
+    from chalicelib import lifecycle, providers, replicas
+    from chalicelib.states import ReplicaPhase
+    from tests.lifecycle_support import RecordingProvider
+
+    monkeypatch.setattr(lifecycle, "start_scale", lambda *args, **kwargs: "no-execution")
+    provider = RecordingProvider()
+    providers.register(provider)
+    try:
+        job_id = support.submit_job(client, aws_account, 4, chunk_size=2)["job_id"]
+        registered = replicas.register_replicas(
+            aws_account, job_id, 1, provider="recording", config={"gpu_type": "L4"}
+        )
+        replica_id = registered["replicas"][0]["replica_id"]
+        launch = {"task": "launch_candidate", "job_id": job_id, "replica_id": replica_id}
+        assert _invoke_task(client, launch)["outcome"] == "launched"
+        replicas.transition_replica(aws_account, job_id, replica_id, ReplicaPhase.KILLED)
+
+        abandon = {
+            "task": "abandon_candidate",
+            "job_id": job_id,
+            "replica_id": replica_id,
+            "error": "States.Timeout",
+            "cause": "",
+        }
+        with pytest.raises(Exception, match="changed while its attempt was abandoned"):
+            _invoke_task(client, abandon)
+        replica = replicas.get_replica(aws_account, job_id, replica_id)
+        assert [a["outcome"] for a in replica["launch_attempts"]] == ["launched"]
+        assert int(replica["candidate_index"]) == 0
+    finally:
+        providers.unregister(provider.name)
+
+
 def test_teardown_tasks_run_twice_change_nothing(client, aws_account, monkeypatch):
     from chalicelib import teardown
 

@@ -53,19 +53,28 @@ def build_report(settings: Settings, job: dict[str, Any]) -> dict[str, Any]:
     generation_seconds = (
         max(0.0, finished_at - first_metrics_at) if first_metrics_at is not None else None
     )
-    # Engine counters when the engines report them, else the tokens the replicas counted.
+    # The tokens of the delivered output: the usage in output.jsonl, summed by assembly, else
+    # the usage each completed chunk reported. Engine counters also count attempts that never
+    # completed (a killed replica, a retried chunk). llama.cpp also leaves out the prompt tokens
+    # it served from its cache (a repeated 29-token prompt added 1 to its counter). So engine
+    # counters are kept apart as the work the engines did, and used only when no record had usage.
     metrics = snapshot or {}
-    prompt_tokens = metrics.get("prompt_tokens_total")
-    generation_tokens = metrics.get("generation_tokens_total")
-    token_source = "engine"
+    engine_prompt = metrics.get("prompt_tokens_total")
+    engine_generation = metrics.get("generation_tokens_total")
+    prompt_tokens = job.get("output_prompt_tokens")
+    generation_tokens = job.get("output_generation_tokens")
+    token_source = "output records"
+    if not generation_tokens:
+        prompt_tokens = job.get("prompt_tokens_total")
+        generation_tokens = job.get("generation_tokens_total")
+        token_source = "chunk completions"
+    if not generation_tokens:
+        prompt_tokens, generation_tokens = engine_prompt, engine_generation
+        token_source = "engine"
     if generation_tokens is None:
         prompt_tokens = metrics.get("live_prompt_tokens_total")
         generation_tokens = metrics.get("live_gen_tokens_total")
         token_source = "sidecar"
-    if generation_tokens is None:
-        prompt_tokens = job.get("prompt_tokens_total")
-        generation_tokens = job.get("generation_tokens_total")
-        token_source = "chunk completions"
     prompt_tokens = float(prompt_tokens or 0)
     generation_tokens = float(generation_tokens or 0)
     total_tokens = prompt_tokens + generation_tokens
@@ -144,6 +153,9 @@ def build_report(settings: Settings, job: dict[str, Any]) -> dict[str, Any]:
             "total": int(total_tokens),
             "source": token_source,
         },
+        "engine_tokens": None
+        if engine_generation is None
+        else {"prompt": int(engine_prompt or 0), "generation": int(engine_generation)},
         "throughput": {
             "output_tokens_per_sec": per_second(generation_tokens),
             "total_tokens_per_sec": per_second(total_tokens),

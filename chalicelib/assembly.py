@@ -135,6 +135,24 @@ class _Counts:
         self.succeeded = 0
         self.failed = 0
         self.dropped = 0
+        # Token usage of the successful records written to output.jsonl.
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+
+    def add_usage(self, record: dict[str, Any]) -> None:
+        body = (record.get("response") or {}).get("body")
+        usage = body.get("usage") if isinstance(body, dict) else None
+        if not isinstance(usage, dict):
+            return
+        self.prompt_tokens += _token_count(usage.get("prompt_tokens"))
+        self.generation_tokens += _token_count(usage.get("completion_tokens"))
+
+
+def _token_count(value: Any) -> int:
+    """Returns a usage count, or 0 for one no engine produces (negative, fractional, a string)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return 0
 
 
 def _copy_completed_chunk(
@@ -167,6 +185,7 @@ def _copy_completed_chunk(
         else:
             output.write_line(line)
             counts.succeeded += 1
+            counts.add_usage(record)
     for custom_id in expected:
         if custom_id in remaining:
             errors.write_line(
@@ -315,6 +334,8 @@ def _write_files(
         "requests_succeeded": counts.succeeded,
         "requests_failed": counts.failed,
         "chunks_failed": failed_chunks,
+        "output_prompt_tokens": counts.prompt_tokens,
+        "output_generation_tokens": counts.generation_tokens,
     }
     if cancelled:
         fields["requests_cancelled"] = not_run

@@ -361,6 +361,13 @@ def inspect(
         ("cost per million tokens", f"{_format(run.get('cost_per_million_tokens'))} USD"),
     ):
         table.add_row(label, str(value))
+    engine = run.get("engine_tokens")
+    if engine:
+        table.add_row(
+            "engine tokens",
+            f"{_format(engine['prompt'])} prompt, {_format(engine['generation'])} output "
+            "(work the engines did, retried attempts included)",
+        )
     console.print(table)
     if replicas:
         per_replica = Table(

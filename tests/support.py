@@ -68,22 +68,28 @@ def pull(client, job_id: str, replica_id: str, token: str):
     return post(client, f"/job/{job_id}/chunks/pull", {"replica_id": replica_id}, token)
 
 
+def read_range(lease: dict[str, Any]) -> list[dict[str, Any]]:
+    """Returns the input requests of a lease's byte range."""
+    body = (
+        aws.client("s3")
+        .get_object(
+            Bucket=lease["input_bucket"],
+            Key=lease["input_key"],
+            Range=f"bytes={lease['byte_start']}-{lease['byte_end'] - 1}",
+        )["Body"]
+        .read()
+    )
+    return [json.loads(line) for line in body.splitlines() if line.strip()]
+
+
 def write_output(
     settings, lease: dict[str, Any], records: list[dict[str, Any]] | None = None
 ) -> None:
     """Writes an attempt's output the way the sidecar does: one record per input request."""
-    s3 = aws.client("s3")
-    body = s3.get_object(
-        Bucket=lease["input_bucket"],
-        Key=lease["input_key"],
-        Range=f"bytes={lease['byte_start']}-{lease['byte_end'] - 1}",
-    )["Body"].read()
     if records is None:
         records = []
-        for line in body.splitlines():
-            if not line.strip():
-                continue
-            custom_id = json.loads(line)["custom_id"]
+        for request in read_range(lease):
+            custom_id = request["custom_id"]
             records.append(
                 {
                     "id": f"batch_req_{custom_id}",
@@ -96,7 +102,9 @@ def write_output(
                     "error": None,
                 }
             )
-    s3.put_object(Bucket=settings.bucket, Key=lease["output_key"], Body=jsonl(records))
+    aws.client("s3").put_object(
+        Bucket=settings.bucket, Key=lease["output_key"], Body=jsonl(records)
+    )
 
 
 def complete(client, job_id: str, replica_id: str, token: str, lease: dict[str, Any]):

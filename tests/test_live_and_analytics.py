@@ -385,6 +385,25 @@ def test_assembly_writes_run_report(job_and_replica, aws_account):
     assert run["replicas"][0]["summary"]["total_output_tokens"] == 4000
 
 
+def test_run_report_counts_delivered_tokens(job_and_replica, aws_account):
+    job_id, feed = job_and_replica
+    client = feed.client
+    ingest_pair(feed, time.time() - 11)
+    while (pulled := support.pull(client, job_id, feed.replica_id, feed.token)).status_code == 200:
+        lease = pulled.json_body
+        custom_id = support.read_range(lease)[0]["custom_id"]
+        body = {"choices": [], "usage": {"prompt_tokens": 30, "completion_tokens": 7}}
+        record = {"custom_id": custom_id, "response": {"status_code": 200, "body": body}}
+        support.write_output(aws_account, lease, [record])
+        completed = support.complete(client, job_id, feed.replica_id, feed.token, lease)
+        assert completed.status_code == 200
+    run = support.get(client, f"/analytics/runs/{job_id}").json_body["run"]
+    # Two requests of 30 + 7 tokens each, summed from output.jsonl by assembly.
+    assert run["tokens"] == {"prompt": 60, "generation": 14, "total": 74, "source": "output records"}
+    # The engines' own counters stay visible, apart from what was delivered.
+    assert run["engine_tokens"]["generation"] == 4000
+
+
 def test_run_timeseries_per_replica_and_aggregated(job_and_replica, aws_account):
     job_id, feed = job_and_replica
     client = feed.client

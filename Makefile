@@ -34,6 +34,7 @@ $(CHROMIUM):
 	apt-get update && apt-get install -y --no-install-recommends chromium
 
 test: venv engine chromium
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 test-fast: venv chromium

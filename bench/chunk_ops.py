@@ -19,12 +19,12 @@ from _harness import PROJECT_DIR, machine_line, use_test_stage
 
 use_test_stage()
 
-from chalice.test import Client  # noqa: E402
-from moto import mock_aws  # noqa: E402
+from chalice.test import Client
+from moto import mock_aws
 
-from chalicelib import aws, replicas  # noqa: E402
-from chalicelib.config import load_settings  # noqa: E402
-from tandemn.resources import create_resources  # noqa: E402
+from chalicelib import aws, replicas
+from chalicelib.config import load_settings
+from tandemn.resources import create_resources
 
 # The 10-chunk job has room for one warm-up pull plus this many.
 SAMPLES = 8

@@ -29,11 +29,11 @@ from _harness import PROJECT_DIR, machine_line
 
 sys.path.insert(0, str(PROJECT_DIR))
 
-from tandemn import engine_paths  # noqa: E402
-from tandemn.api_client import ApiClient  # noqa: E402
-from tandemn.local_provider import free_port  # noqa: E402
-from tandemn.stack_process import StackProcess  # noqa: E402
-from tests.localstack_support import wait_for_job  # noqa: E402
+from tandemn import engine_paths
+from tandemn.api_client import ApiClient
+from tandemn.local_provider import free_port
+from tandemn.stack_process import StackProcess
+from tests.localstack_support import wait_for_job
 
 # Both runs give the engine the same CPU threads; one replica runs, so it may use every core.
 THREADS = os.cpu_count() or 2

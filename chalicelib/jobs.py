@@ -19,8 +19,8 @@ from botocore.exceptions import ClientError
 
 from chalicelib import aws, deadline, dynamo, state_events
 from chalicelib.config import Settings
-from chalicelib.models import ID_RE
 from chalicelib.errors import Conflict, InvalidRequest, NotFound
+from chalicelib.models import ID_RE
 from chalicelib.states import JOB_STATUS_RANK, JOB_TERMINAL, JobStatus, job_sources_for
 
 logger = logging.getLogger(__name__)

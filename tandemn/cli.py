@@ -27,11 +27,11 @@ from tandemn.cli_common import (
     _call,
     _client,
     _fail,
-    print_listing,
     _print_json,
     _print_json_line,
     console,
     errors,
+    print_listing,
 )
 
 app = typer.Typer(
@@ -405,15 +405,18 @@ def progress(
     raise typer.Exit(0 if final["status"] == "succeeded" else 1)
 
 
+OutputPath = typer.Option(
+    None,
+    "-o",
+    "--output",
+    help="Path of output.jsonl (default out/JOB/output.jsonl); errors.jsonl is written beside it.",
+)
+
+
 @app.command()
 def download(
     job_id: str = typer.Argument(..., help="Finished job whose output to fetch."),
-    output: Path | None = typer.Option(
-        None,
-        "-o",
-        "--output",
-        help="Path of output.jsonl (default out/JOB/output.jsonl); errors.jsonl is written beside it.",
-    ),
+    output: Path | None = OutputPath,
     api_url: str | None = ApiUrl,
     as_json: bool = typer.Option(
         False, "--json", help="Print the paths and sizes (bytes) written as JSON."

@@ -17,11 +17,11 @@ from tandemn.cli_common import (  # noqa: F401
     _call,
     _client,
     _fail,
-    print_listing,
     _print_json,
     _print_json_line,
     console,
     errors,
+    print_listing,
 )
 
 TERMINAL_STATUSES = {"succeeded", "completed_with_errors", "failed", "cancelled"}

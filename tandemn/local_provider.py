@@ -105,44 +105,45 @@ class LocalProvider:
         # A relaunch of the same replica (its next placement candidate) replaces the old one.
         self.terminate(job_id, replica_id)
         port = free_port()
-        engine_log = open(self.log_dir / f"{replica_id}.engine.log", "ab")
-        sidecar_log = open(self.log_dir / f"{replica_id}.sidecar.log", "ab")
-        engine = subprocess.Popen(
-            self._engine_command(port, config.get("model_name")),
-            stdout=engine_log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        environment = {
-            **os.environ,
-            "TANDEMN_REPLICA_TOKEN": token,
-            "PYTHONUNBUFFERED": "1",
-        }
-        sidecar = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "sidecar",
-                "--api-url",
-                self.api_url,
-                "--job-id",
-                job_id,
-                "--replica-id",
-                replica_id,
-                "--engine-url",
-                f"http://127.0.0.1:{port}",
-                "--concurrency",
-                str(self.engine.slots),
-            ],
-            stdout=sidecar_log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=environment,
-            start_new_session=True,
-        )
-        engine_log.close()
-        sidecar_log.close()
+        engine_path = self.log_dir / f"{replica_id}.engine.log"
+        sidecar_path = self.log_dir / f"{replica_id}.sidecar.log"
+        # The children write to their own copies of the file descriptors, so the parent's
+        # copies close once both processes have started.
+        with open(engine_path, "ab") as engine_log, open(sidecar_path, "ab") as sidecar_log:
+            engine = subprocess.Popen(
+                self._engine_command(port, config.get("model_name")),
+                stdout=engine_log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            environment = {
+                **os.environ,
+                "TANDEMN_REPLICA_TOKEN": token,
+                "PYTHONUNBUFFERED": "1",
+            }
+            sidecar = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "sidecar",
+                    "--api-url",
+                    self.api_url,
+                    "--job-id",
+                    job_id,
+                    "--replica-id",
+                    replica_id,
+                    "--engine-url",
+                    f"http://127.0.0.1:{port}",
+                    "--concurrency",
+                    str(self.engine.slots),
+                ],
+                stdout=sidecar_log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=environment,
+                start_new_session=True,
+            )
         with self._lock:
             self._replicas[replica_id] = LocalReplica(job_id, replica_id, engine, sidecar, port)
         logger.info(

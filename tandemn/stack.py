@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from tandemn import engine_paths
 
@@ -139,25 +139,25 @@ class LocalStack:
     def _start_moto(self) -> None:
         log_dir = self.options.log_dir
         log_dir.mkdir(parents=True, exist_ok=True)
-        log = open(log_dir / "moto.log", "ab")
         environment = {**os.environ, "TANDEMN_LAMBDA_BRIDGE_SECRET": self._lambda_bridge.secret}
-        self._moto = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tandemn.motoserver",
-                "--port",
-                str(self.moto_port),
-                "--lambda-url",
-                self._lambda_bridge.url,
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=environment,
-            start_new_session=True,
-        )
-        log.close()
+        # The moto process writes to its own copy of the file descriptor.
+        with open(log_dir / "moto.log", "ab") as log:
+            self._moto = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "tandemn.motoserver",
+                    "--port",
+                    str(self.moto_port),
+                    "--lambda-url",
+                    self._lambda_bridge.url,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=environment,
+                start_new_session=True,
+            )
         _wait_for_port(self.moto_port, 30, self._moto)
 
     def _create_resources(self) -> None:
@@ -250,7 +250,7 @@ class LocalStack:
             self._lambda_bridge.stop()
             self._lambda_bridge = None
 
-    def __enter__(self) -> LocalStack:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc_info: object) -> None:

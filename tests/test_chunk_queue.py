@@ -195,7 +195,7 @@ def test_late_completion_counts_once(client, aws_account, job, clock):
     assert counters["completed"] == 1
     assert counters["inflight"] == 0
 
-    item = [c for c in chunk_items(aws_account, job_id) if c["chunk_id"] == stale["chunk_id"]][0]
+    item = next(c for c in chunk_items(aws_account, job_id) if c["chunk_id"] == stale["chunk_id"])
     assert item["output_key"] == stale["output_key"]
 
 
@@ -380,7 +380,7 @@ def test_assembly_keeps_each_custom_id_once(client, aws_account, job):
 
 
 def test_replica_routes_require_replica_token(client, aws_account, job):
-    job_id, [(replica, token), (other, other_token)] = job
+    job_id, [(replica, token), (_, other_token)] = job
     assert support.pull(client, job_id, replica, None).status_code == 401
     assert support.pull(client, job_id, replica, "trk_" + replica + ".forged").status_code == 401
     assert support.pull(client, job_id, replica, other_token).status_code == 403
@@ -436,7 +436,7 @@ def test_abandoned_claim_is_recovered(client, aws_account, job, clock):
 
 
 def test_claim_requeued_for_killed_replica(client, aws_account, job):
-    job_id, [(replica, token), (other, other_token)] = job
+    job_id, [(replica, _), (other, other_token)] = job
     support.post(client, f"/job/{job_id}/kill", {"replica_ids": [replica]})
     replica_item = {"replica_id": replica, "phase": "running"}
     # The stored phase is killed, so the lease transaction rejects the replica after the claim.

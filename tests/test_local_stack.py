@@ -38,7 +38,7 @@ def fetch_records(client: ApiClient, job_id: str, folder: Path) -> tuple[list[di
     client.download(links["error_url"], folder / "errors.jsonl")
     read = lambda name: [
         json.loads(l) for l in (folder / name).read_text().splitlines() if l.strip()
-    ]  # noqa: E731
+    ]
     return read("output.jsonl"), read("errors.jsonl")
 
 

@@ -75,19 +75,10 @@ def test_pulls_follow_input_order(client, aws_account, job):
 def test_lease_byte_range_covers_its_requests(client, aws_account, job):
     job_id, [(replica, token), _] = job
     lease = support.pull(client, job_id, replica, token).json_body
-    body = (
-        aws.client("s3")
-        .get_object(
-            Bucket=lease["input_bucket"],
-            Key=lease["input_key"],
-            Range=f"bytes={lease['byte_start']}-{lease['byte_end'] - 1}",
-        )["Body"]
-        .read()
-    )
-    ids = [line for line in body.splitlines() if line.strip()]
-    assert len(ids) == lease["num_lines"] == 2
-    assert b'"req-00000"' in ids[0]
-    assert b'"req-00001"' in ids[1]
+    requests = support.read_range(lease)
+    assert len(requests) == lease["num_lines"] == 2
+    assert requests[0]["custom_id"] == "req-00000"
+    assert requests[1]["custom_id"] == "req-00001"
 
 
 def test_two_replicas_never_hold_same_chunk(client, aws_account, job):

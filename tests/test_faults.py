@@ -403,12 +403,15 @@ def _invoke_task(client, payload: dict) -> dict:
     return client.lambda_.invoke("lifecycle_task", payload).payload
 
 
-def test_launch_task_run_twice_launches_once(client, aws_account, monkeypatch):
+@pytest.fixture
+def recorded_replica(client, aws_account, monkeypatch):
+    """Registers one replica on the recording provider and yields (provider, job_id, replica_id).
+
+    No state machine runs: each test plays Step Functions and invokes the lifecycle tasks itself.
+    """
     from chalicelib import lifecycle, providers, replicas
     from tests.lifecycle_support import RecordingProvider
 
-    # No state machine here: the test plays Step Functions and runs the same task twice, as a
-    # Retry on Lambda.ServiceException does when the first invocation already launched.
     monkeypatch.setattr(lifecycle, "start_scale", lambda *args, **kwargs: "no-execution")
     provider = RecordingProvider()
     providers.register(provider)
@@ -417,43 +420,51 @@ def test_launch_task_run_twice_launches_once(client, aws_account, monkeypatch):
         registered = replicas.register_replicas(
             aws_account, job_id, 1, provider="recording", config={"gpu_type": "L4"}
         )
-        replica_id = registered["replicas"][0]["replica_id"]
-        task = {"task": "launch_candidate", "job_id": job_id, "replica_id": replica_id}
-        first = _invoke_task(client, task)
-        second = _invoke_task(client, task)
-        assert first["outcome"] == "launched"
-        assert second == first
-        assert len(provider.launches_of(replica_id)) == 1
-        replica = replicas.get_replica(aws_account, job_id, replica_id)
-        assert replica["token_hash"] == replicas.hash_token(
-            provider.launches_of(replica_id)[0].token
-        )
-
-        abandon = {
-            "task": "abandon_candidate",
-            "job_id": job_id,
-            "replica_id": replica_id,
-            "error": "States.Timeout",
-            "cause": "",
-        }
-        moved = _invoke_task(client, abandon)
-        again = _invoke_task(client, abandon)
-        assert again == moved
-        replica = replicas.get_replica(aws_account, job_id, replica_id)
-        assert int(replica["candidate_index"]) == 1
-        outcomes = [a["outcome"] for a in replica["launch_attempts"]]
-        assert outcomes == ["launched", "abandoned"]
+        yield provider, job_id, registered["replicas"][0]["replica_id"]
     finally:
         providers.unregister(provider.name)
 
 
-def test_launch_task_after_crash_terminates_first(client, aws_account, monkeypatch):
-    from chalicelib import lifecycle, providers, replicas
-    from tests.lifecycle_support import RecordingProvider
+def _abandon_task(job_id: str, replica_id: str) -> dict:
+    return {
+        "task": "abandon_candidate",
+        "job_id": job_id,
+        "replica_id": replica_id,
+        "error": "States.Timeout",
+        "cause": "",
+    }
 
-    monkeypatch.setattr(lifecycle, "start_scale", lambda *args, **kwargs: "no-execution")
-    provider = RecordingProvider()
-    providers.register(provider)
+
+def test_launch_task_run_twice_launches_once(client, aws_account, recorded_replica):
+    from chalicelib import replicas
+
+    provider, job_id, replica_id = recorded_replica
+    # The same task runs twice, as a Retry on Lambda.ServiceException does when the first
+    # invocation already launched.
+    task = {"task": "launch_candidate", "job_id": job_id, "replica_id": replica_id}
+    first = _invoke_task(client, task)
+    second = _invoke_task(client, task)
+    assert first["outcome"] == "launched"
+    assert second == first
+    assert len(provider.launches_of(replica_id)) == 1
+    replica = replicas.get_replica(aws_account, job_id, replica_id)
+    assert replica["token_hash"] == replicas.hash_token(provider.launches_of(replica_id)[0].token)
+
+    moved = _invoke_task(client, _abandon_task(job_id, replica_id))
+    again = _invoke_task(client, _abandon_task(job_id, replica_id))
+    assert again == moved
+    replica = replicas.get_replica(aws_account, job_id, replica_id)
+    assert int(replica["candidate_index"]) == 1
+    outcomes = [a["outcome"] for a in replica["launch_attempts"]]
+    assert outcomes == ["launched", "abandoned"]
+
+
+def test_launch_task_after_crash_terminates_first(
+    client, aws_account, recorded_replica, monkeypatch
+):
+    from chalicelib import lifecycle, replicas
+
+    provider, job_id, replica_id = recorded_replica
     record_launched = lifecycle._record_launched
     crashes = []
 
@@ -465,61 +476,35 @@ def test_launch_task_after_crash_terminates_first(client, aws_account, monkeypat
         return record_launched(*args, **kwargs)
 
     monkeypatch.setattr(lifecycle, "_record_launched", crash_once)
-    try:
-        job_id = support.submit_job(client, aws_account, 4, chunk_size=2)["job_id"]
-        registered = replicas.register_replicas(
-            aws_account, job_id, 1, provider="recording", config={"gpu_type": "L4"}
-        )
-        replica_id = registered["replicas"][0]["replica_id"]
-        task = {"task": "launch_candidate", "job_id": job_id, "replica_id": replica_id}
-        with pytest.raises(Exception, match="Lambda stopped"):
-            _invoke_task(client, task)
-        retried = _invoke_task(client, task)
+    task = {"task": "launch_candidate", "job_id": job_id, "replica_id": replica_id}
+    with pytest.raises(Exception, match="Lambda stopped"):
+        _invoke_task(client, task)
+    retried = _invoke_task(client, task)
 
-        assert retried["outcome"] == "launched"
-        first, second = provider.launches_of(replica_id)
-        terminations = provider.terminated(replica_id)
-        assert len(terminations) == 1
-        assert first.at <= terminations[0] <= second.at
-        replica = replicas.get_replica(aws_account, job_id, replica_id)
-        assert replica["token_hash"] == replicas.hash_token(second.token)
-        assert [a["outcome"] for a in replica["launch_attempts"]] == ["launched"]
-    finally:
-        providers.unregister(provider.name)
+    assert retried["outcome"] == "launched"
+    first, second = provider.launches_of(replica_id)
+    terminations = provider.terminated(replica_id)
+    assert len(terminations) == 1
+    assert first.at <= terminations[0] <= second.at
+    replica = replicas.get_replica(aws_account, job_id, replica_id)
+    assert replica["token_hash"] == replicas.hash_token(second.token)
+    assert [a["outcome"] for a in replica["launch_attempts"]] == ["launched"]
 
 
-def test_abandon_of_stopped_replica_records_nothing(client, aws_account, monkeypatch):
-    from chalicelib import lifecycle, providers, replicas
+def test_abandon_of_stopped_replica_records_nothing(client, aws_account, recorded_replica):
+    from chalicelib import replicas
     from chalicelib.states import ReplicaPhase
-    from tests.lifecycle_support import RecordingProvider
 
-    monkeypatch.setattr(lifecycle, "start_scale", lambda *args, **kwargs: "no-execution")
-    provider = RecordingProvider()
-    providers.register(provider)
-    try:
-        job_id = support.submit_job(client, aws_account, 4, chunk_size=2)["job_id"]
-        registered = replicas.register_replicas(
-            aws_account, job_id, 1, provider="recording", config={"gpu_type": "L4"}
-        )
-        replica_id = registered["replicas"][0]["replica_id"]
-        launch = {"task": "launch_candidate", "job_id": job_id, "replica_id": replica_id}
-        assert _invoke_task(client, launch)["outcome"] == "launched"
-        replicas.transition_replica(aws_account, job_id, replica_id, ReplicaPhase.KILLED)
+    _, job_id, replica_id = recorded_replica
+    launch = {"task": "launch_candidate", "job_id": job_id, "replica_id": replica_id}
+    assert _invoke_task(client, launch)["outcome"] == "launched"
+    replicas.transition_replica(aws_account, job_id, replica_id, ReplicaPhase.KILLED)
 
-        abandon = {
-            "task": "abandon_candidate",
-            "job_id": job_id,
-            "replica_id": replica_id,
-            "error": "States.Timeout",
-            "cause": "",
-        }
-        with pytest.raises(Exception, match="changed while its attempt was abandoned"):
-            _invoke_task(client, abandon)
-        replica = replicas.get_replica(aws_account, job_id, replica_id)
-        assert [a["outcome"] for a in replica["launch_attempts"]] == ["launched"]
-        assert int(replica["candidate_index"]) == 0
-    finally:
-        providers.unregister(provider.name)
+    with pytest.raises(Exception, match="changed while its attempt was abandoned"):
+        _invoke_task(client, _abandon_task(job_id, replica_id))
+    replica = replicas.get_replica(aws_account, job_id, replica_id)
+    assert [a["outcome"] for a in replica["launch_attempts"]] == ["launched"]
+    assert int(replica["candidate_index"]) == 0
 
 
 def test_teardown_tasks_run_twice_change_nothing(client, aws_account, monkeypatch):

@@ -515,6 +515,7 @@ def _job_entry(settings: Settings, job: dict[str, Any], now: float) -> dict[str,
             "projected_finish_at": None
             if projection.projected_finish_at is None or terminal
             else round(projection.projected_finish_at, 3),
+            "deadline_missed_by_sec": jobs.deadline_view(job, now).get("missed_by_sec"),
         },
         "events": events,
         "final": final,

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from chalicelib import aws, dashboard, dynamo
+from chalicelib import aws, dashboard, dynamo, jobs
 from chalicelib.states import JobStatus
 from tandemn import cli_web
 from tandemn.cli import app as cli_app
@@ -138,10 +138,28 @@ def test_payload_carries_workload_replicas_cost_events_and_quota(client, aws_acc
     assert payload["replicas"][job_id][3]["group"] == "launching"  # loading_model
     assert payload["cost"][job_id]["accrued_usd"] > 0
     assert payload["cost"][job_id]["deadline_at"] == pytest.approx(job["created_at"] + 7200)
+    assert payload["cost"][job_id]["deadline_missed_by_sec"] is None
     assert payload["metrics"][job_id]["num_requests_running"] == 8 * 3  # 3 running replicas
     assert len(payload["events"][job_id]) == dashboard.EVENTS_PER_JOB
     assert payload["quota"]["source"] == "static"
     assert {pool["family"] for pool in payload["quota"]["pools"]} == {"G", "P"}
+
+
+def test_payload_shows_missed_deadline(client, aws_account):
+    job_id = seed_job(aws_account, 1, 1)
+    created = jobs.get_job(aws_account, job_id)["created_at"]
+    # The seeded job has a 2 h deadline and finishes an hour after it.
+    aws.client("dynamodb").update_item(
+        TableName=aws_account.jobs_table,
+        Key={"job_id": {"S": job_id}},
+        UpdateExpression="SET #status = :done, finished_at = :finished",
+        ExpressionAttributeNames={"#status": "status"},
+        ExpressionAttributeValues=dynamo.serialize(
+            {":done": "succeeded", ":finished": float(created) + 3 * 3600}
+        ),
+    )
+    payload = dashboard.build_payload(aws_account)
+    assert payload["cost"][job_id]["deadline_missed_by_sec"] == pytest.approx(3600, abs=1)
 
 
 def test_unknown_selected_job_falls_back_to_the_newest(client, aws_account):

@@ -209,22 +209,32 @@ def job_view(settings: Settings, job: dict[str, Any]) -> dict[str, Any]:
     return view
 
 
+# Statuses whose work ran to the end, so the finish time can be compared with the deadline. A
+# cancelled or failed job did not finish its work, so it neither met nor missed its deadline.
+FINISHED_WORK = frozenset({JobStatus.SUCCEEDED, JobStatus.COMPLETED_WITH_ERRORS})
+
+
 def deadline_view(job: dict[str, Any], now: float | None = None) -> dict[str, Any]:
     """Builds the job's deadline: when it falls, the projected finish and by how much it was missed.
 
-    A running job gets the projection of ``chalicelib/deadline.py``. A finished job gets
-    ``missed_by_sec``, zero when it finished in time.
+    A running job gets the projection of ``chalicelib/deadline.py`` and, once the deadline has
+    passed, ``overdue_sec``. A job that finished its work gets ``missed_by_sec``, zero when it
+    finished in time.
     """
+    now = time.time() if now is None else now
     projection = deadline.project(job, now)
     view: dict[str, Any] = {"deadline_at": round(projection.deadline_at, 3)}
-    finished_at = job.get("finished_at")
-    if JobStatus(job["status"]) in JOB_TERMINAL:
-        if finished_at is not None:
+    status = JobStatus(job["status"])
+    if status in JOB_TERMINAL:
+        finished_at = job.get("finished_at")
+        if status in FINISHED_WORK and finished_at is not None:
             view["missed_by_sec"] = round(max(0.0, float(finished_at) - projection.deadline_at), 1)
         return view
     finish = projection.projected_finish_at
     view["projected_finish_at"] = None if finish is None else round(finish, 3)
     view["at_risk"] = projection.at_risk
+    if now > projection.deadline_at:
+        view["overdue_sec"] = round(now - projection.deadline_at, 1)
     return view
 
 
@@ -249,6 +259,10 @@ def job_warnings(view: dict[str, Any]) -> list[str]:
     schedule = view["deadline"]
     if schedule.get("missed_by_sec"):
         warnings.append(f"finished {schedule['missed_by_sec'] / 3600:.2f} h after its deadline")
+    elif schedule.get("overdue_sec"):
+        warnings.append(
+            f"its deadline passed {schedule['overdue_sec'] / 3600:.2f} h ago and it is still running"
+        )
     elif schedule.get("at_risk"):
         finish = schedule.get("projected_finish_at")
         if finish is None:

@@ -310,6 +310,8 @@ def _deadline_cell(deadline: dict[str, Any] | None) -> str:
     if "missed_by_sec" in deadline:
         missed = deadline["missed_by_sec"]
         return f"{when} (missed by {missed / 3600:.2f} h)" if missed else f"{when} (met)"
+    if deadline.get("overdue_sec"):
+        return f"{when} (passed {deadline['overdue_sec'] / 3600:.2f} h ago)"
     return f"{when} (at risk)" if deadline.get("at_risk") else when
 
 

@@ -142,6 +142,32 @@ def test_deadline_view_of_finished_jobs():
     job["finished_at"] = created + 600
     assert jobs.deadline_view(job)["missed_by_sec"] == 0.0
 
+    # A cancelled job did not finish its work, so it neither met nor missed its deadline.
+    job["status"] = "cancelled"
+    assert jobs.deadline_view(job) == {"deadline_at": created + 3600}
+
+
+def test_deadline_view_of_overdue_running_job():
+    created = 1_000_000.0
+    job = {
+        "status": "generating",
+        "created_at": created,
+        "requested": {"slo_deadline_hours": 1.0},
+        "pending": 2,
+        "completed": 2,
+    }
+    schedule = jobs.deadline_view(job, now=created + 3600 + 360)
+    assert schedule["overdue_sec"] == 360.0
+    assert schedule["at_risk"] is True
+    view = {
+        "job_id": "j",
+        "status": "generating",
+        "chunks": {"pending": 2, "inflight": 0},
+        "cost": {"num_running_replicas": 1},
+        "deadline": schedule,
+    }
+    assert jobs.job_warnings(view) == ["its deadline passed 0.10 h ago and it is still running"]
+
 
 def _spot_event(instance_id: str) -> dict:
     return {

@@ -39,6 +39,9 @@ _SHOWN_CHARS = 80
 # JSON whitespace other than the newline that separates lines.
 _JSON_BLANKS = b" \t\r"
 _OUTPUT_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens")
+# vLLM and llama.cpp keep a request's token limit in a 32-bit signed integer; llama-server
+# rejects a larger value with "Value must be between -1 <= value <= 2147483647".
+MAX_OUTPUT_TOKENS_PER_REQUEST = 2**31 - 1
 
 
 class BinaryStream(Protocol):
@@ -370,6 +373,14 @@ class _Scan:
                     f"body.{name}",
                     f"body.{name} must be a positive integer, got {_show(value)}; "
                     "set it to the maximum number of tokens to generate, or omit it",
+                )
+            elif value > MAX_OUTPUT_TOKENS_PER_REQUEST:
+                self.report(
+                    line_no,
+                    f"body.{name}",
+                    f"body.{name} is {value}, more than any engine accepts "
+                    f"({MAX_OUTPUT_TOKENS_PER_REQUEST}); set it to at most the model's context "
+                    "length, or omit it",
                 )
             elif self.max_output_tokens is None or value > self.max_output_tokens:
                 self.max_output_tokens = value

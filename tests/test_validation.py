@@ -572,6 +572,13 @@ def test_max_tokens_must_be_positive_integer():
         assert "must be a positive integer" in error.message, value
 
 
+def test_max_tokens_above_engine_limit():
+    error = only_error(validate(line(chat_request("a", max_tokens=10**12))))
+    assert error.field == "body.max_tokens"
+    assert "body.max_tokens is 1000000000000, more than any engine accepts" in error.message
+    assert validate(line(chat_request("a", max_tokens=2**31 - 1))).errors == []
+
+
 def test_max_completion_tokens_must_be_positive_integer():
     error = only_error(validate(line(chat_request("a", max_completion_tokens=False))))
     assert error.field == "body.max_completion_tokens"

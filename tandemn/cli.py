@@ -31,6 +31,7 @@ from tandemn.cli_common import (
     _print_json_line,
     console,
     errors,
+    number_in,
     print_listing,
 )
 
@@ -147,7 +148,12 @@ def deploy(
         None, "--max-output-tokens", min=1, help="Cap on each request's max_tokens, in tokens."
     ),
     avg_output_tokens: int | None = AvgOutputTokens,
-    slo: float = typer.Option(4.0, "--slo", min=0.01, help="Deadline for the whole job, in hours."),
+    slo: float = typer.Option(
+        4.0,
+        "--slo",
+        callback=number_in(0.01, 720),
+        help="Deadline for the whole job, in hours (0.01 to 720).",
+    ),
     placement_solver: str | None = Solver,
     gpu_type: str | None = GpuType,
     tp: int | None = TpSize,
@@ -390,7 +396,7 @@ def _follow(
 def progress(
     job_id: str = typer.Argument(..., help="Job to follow."),
     interval: float = typer.Option(
-        1.0, "--interval", min=0.2, help="Seconds between polls of the job."
+        1.0, "--interval", callback=number_in(0.2), help="Seconds between polls of the job."
     ),
     api_url: str | None = ApiUrl,
     as_json: bool = typer.Option(
@@ -599,7 +605,7 @@ def local_up(
         4, "--slots", min=1, help="Requests each replica's engine serves at once."
     ),
     watchdog_seconds: float = typer.Option(
-        10.0, "--watchdog-seconds", min=0.5, help="Seconds between watchdog passes."
+        10.0, "--watchdog-seconds", callback=number_in(0.5), help="Seconds between watchdog passes."
     ),
     lease_seconds: int | None = typer.Option(
         None, "--lease-seconds", min=5, help="Chunk lease length in seconds (default 300)."
@@ -663,7 +669,9 @@ def local_up(
 
 @local_app.command("down")
 def local_down(
-    timeout: float = typer.Option(60.0, "--timeout", help="Seconds to wait for the stack to stop."),
+    timeout: float = typer.Option(
+        60.0, "--timeout", callback=number_in(0), help="Seconds to wait for the stack to stop."
+    ),
 ) -> None:
     """Stop a local stack started by `tandemn local up`."""
     if not _pid_file().exists():
@@ -732,7 +740,12 @@ def plan(
         metavar="INPUT",
         help="JSONL file of OpenAI batch requests: a local path (uploaded first) or s3://bucket/key.",
     ),
-    slo: float = typer.Option(4.0, "--slo", min=0.01, help="Deadline for the whole job, in hours."),
+    slo: float = typer.Option(
+        4.0,
+        "--slo",
+        callback=number_in(0.01, 720),
+        help="Deadline for the whole job, in hours (0.01 to 720).",
+    ),
     placement_solver: str | None = Solver,
     gpu_type: str | None = typer.Option(
         None, "--gpu-type", help="Only this GPU type, e.g. L4, L40S, A100, H100, H200, B200."

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import typer
@@ -15,6 +16,27 @@ from tandemn.api_client import ApiClient, ApiError, default_api_url
 
 console = Console()
 errors = Console(stderr=True)
+
+
+def number_in(low: float | None, high: float | None = None):
+    """Returns an option callback that accepts a finite number within [low, high].
+
+    Click's own range check lets nan through with a misleading message and inf reaches the API,
+    which JSON cannot encode, so this callback checks both before the range.
+    """
+
+    def check(value: float | None) -> float | None:
+        if value is None:
+            return value
+        if not math.isfinite(value):
+            raise typer.BadParameter(f"{value} is not a finite number; give a number such as 4")
+        if low is not None and value < low:
+            raise typer.BadParameter(f"{value} is below the minimum {low:g}; give {low:g} or more")
+        if high is not None and value > high:
+            raise typer.BadParameter(f"{value} is above the maximum {high:g}; give {high:g} or less")
+        return value
+
+    return check
 
 
 def print_listing(headers: list[str], rows: list[list[str]]) -> None:

@@ -21,6 +21,7 @@ from tandemn.cli_common import (  # noqa: F401
     _print_json_line,
     console,
     errors,
+    number_in,
     print_listing,
 )
 
@@ -128,7 +129,7 @@ def metrics(
         False, "-w", "--watch", help="Refresh until the job ends or Ctrl-C is pressed."
     ),
     interval: float = typer.Option(
-        2.0, "--interval", min=0.5, help="Seconds between refreshes with --watch."
+        2.0, "--interval", callback=number_in(0.5), help="Seconds between refreshes with --watch."
     ),
     replica: str | None = typer.Option(
         None, "--replica", help="Show this replica's snapshot instead of the job's."
@@ -393,11 +394,16 @@ def timeseries(
         None, "--replica", help="Only this replica's rows (default: every replica)."
     ),
     start: float | None = typer.Option(
-        None, "--start", help="First time to include, Unix seconds."
+        None, "--start", callback=number_in(None), help="First time to include, Unix seconds."
     ),
-    end: float | None = typer.Option(None, "--end", help="Last time to include, Unix seconds."),
+    end: float | None = typer.Option(
+        None, "--end", callback=number_in(None), help="Last time to include, Unix seconds."
+    ),
     step: float = typer.Option(
-        5.0, "--step", min=1.0, help="Seconds between the job-level rows that aggregate replicas."
+        5.0,
+        "--step",
+        callback=number_in(1.0),
+        help="Seconds between the job-level rows that aggregate replicas.",
     ),
     api_url: str | None = ApiUrl,
     as_json: bool = JsonFlag,

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import typer
 from rich.console import Console
+from typer.testing import CliRunner
 
 from tandemn import cli_common
 from tandemn.api_client import ApiError
+from tandemn.cli import app
 
 HEADERS = ["job", "status", "output tokens"]
 ROWS = [["smollm2-135m-instruct-8459e983", "completed_with_errors", "1234567"]]
@@ -57,3 +59,20 @@ def test_api_error_in_cli_words(monkeypatch, capsys):
     assert "choose another --gpu-type, --tp or --pp, or pass --force to submit anyway" in printed
     # Brackets from the API are printed as text, not read as console markup.
     assert "body[messages]" in printed
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("inf", "inf is not a finite number"),
+        ("nan", "nan is not a finite number"),
+        ("721", "721.0 is above the maximum 720"),
+        ("0", "0.0 is below the minimum 0.01"),
+    ],
+)
+def test_slo_option_rejects_value(value, message):
+    result = CliRunner().invoke(
+        app, ["plan", "some/model", "in.jsonl", "--slo", value], env={"COLUMNS": "200"}
+    )
+    assert result.exit_code == 2
+    assert message in result.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable
@@ -141,22 +142,40 @@ class ApiClient:
         ``on_progress(written, total)`` is called after each block; ``total`` is the
         Content-Length, or None when the server sends none.
         """
-        destination.parent.mkdir(parents=True, exist_ok=True)
         written = 0
         temporary = destination.with_suffix(destination.suffix + ".part")
-        with httpx.stream("GET", url, timeout=600.0) as response:
-            if response.status_code >= 300:
-                raise ApiError(f"download to {destination} failed: HTTP {response.status_code}")
-            length = response.headers.get("content-length")
-            total = int(length) if length and length.isdigit() else None
-            with temporary.open("wb") as handle:
-                for block in response.iter_bytes():
-                    handle.write(block)
-                    written += len(block)
-                    if on_progress is not None:
-                        on_progress(written, total)
-        temporary.replace(destination)
+        try:
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            with httpx.stream("GET", url, timeout=600.0) as response:
+                if response.status_code >= 300:
+                    raise ApiError(
+                        f"download to {destination} failed: HTTP {response.status_code}"
+                    )
+                length = response.headers.get("content-length")
+                total = int(length) if length and length.isdigit() else None
+                with temporary.open("wb") as handle:
+                    for block in response.iter_bytes():
+                        handle.write(block)
+                        written += len(block)
+                        if on_progress is not None:
+                            on_progress(written, total)
+            temporary.replace(destination)
+        except OSError as error:
+            _remove_quietly(temporary)
+            reason = error.strerror or str(error)
+            raise ApiError(
+                f"cannot write {destination}: {reason}; choose another path with -o"
+            ) from error
+        except httpx.HTTPError as error:
+            _remove_quietly(temporary)
+            raise ApiError(f"download to {destination} failed: {error}") from error
         return written
+
+
+def _remove_quietly(path: Path) -> None:
+    """Removes a partial download; a path that cannot exist (its parent is a file) is ignored."""
+    with contextlib.suppress(OSError):
+        path.unlink()
 
 
 def _safe_name(name: str) -> str:

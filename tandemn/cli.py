@@ -417,7 +417,8 @@ OutputPath = typer.Option(
     None,
     "-o",
     "--output",
-    help="Path of output.jsonl (default out/JOB/output.jsonl); errors.jsonl is written beside it.",
+    help="Where to write the output: a folder gets output.jsonl and errors.jsonl, a file path "
+    "gets its errors beside it as NAME.errors.jsonl (default out/JOB/).",
 )
 
 
@@ -433,8 +434,7 @@ def download(
     """Download a finished job's output.jsonl and errors.jsonl."""
     client = _client(api_url)
     links = _call(client.get, f"/job/{job_id}/output")
-    destination = output or Path("out") / job_id / "output.jsonl"
-    errors_path = destination.with_name("errors.jsonl")
+    destination, errors_path = _download_paths(output or Path("out") / job_id)
     sizes = {}
     # The bar goes to stderr and disappears when done, so stdout holds only the result.
     with Progress(
@@ -469,6 +469,20 @@ def download(
         f"wrote {destination} ({sizes[destination]} bytes) and {errors_path} "
         f"({sizes[errors_path]} bytes)"
     )
+
+
+def _download_paths(output: Path) -> tuple[Path, Path]:
+    """Returns where the output and errors files go for ``-o output``.
+
+    A folder (one that exists, or a path ending in a separator) gets output.jsonl and
+    errors.jsonl. Any other path is the output file, and its errors file is named after it, so
+    two jobs downloaded into one folder under different names do not overwrite each other.
+    """
+    if output.is_dir() or str(output).endswith(os.sep):
+        return output / "output.jsonl", output / "errors.jsonl"
+    if output.name == "output.jsonl":
+        return output, output.with_name("errors.jsonl")
+    return output, output.with_name(f"{output.stem}.errors.jsonl")
 
 
 def _active_jobs(client: ApiClient) -> list[dict[str, Any]]:

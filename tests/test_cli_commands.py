@@ -431,6 +431,38 @@ def test_download_json_writes_both_files(stack, finished_job, tmp_path):
     assert [record["custom_id"] for record in records] == finished_job["ids"]
 
 
+def test_download_into_folder_and_named_file(stack, finished_job, tmp_path):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    into_folder = invoke(stack, "download", finished_job["job_id"], "-o", str(folder), "--json")
+    assert into_folder.exit_code == 0, into_folder.output
+    body = json.loads(into_folder.stdout)
+    assert body["output"] == str(folder / "output.jsonl")
+    assert body["errors"] == str(folder / "errors.jsonl")
+
+    # A named output file gets its own errors file, so it overwrites nothing of the first.
+    named = folder / "second.jsonl"
+    second = invoke(stack, "download", finished_job["job_id"], "-o", str(named), "--json")
+    assert second.exit_code == 0, second.output
+    assert json.loads(second.stdout)["errors"] == str(folder / "second.errors.jsonl")
+    assert sorted(path.name for path in folder.iterdir()) == [
+        "errors.jsonl",
+        "output.jsonl",
+        "second.errors.jsonl",
+        "second.jsonl",
+    ]
+
+
+def test_download_unwritable_path_prints_error(stack, finished_job, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = invoke(stack, "download", finished_job["job_id"], "-o", str(blocker / "o.jsonl"))
+    assert result.exit_code == 1
+    assert f"cannot write {blocker / 'o.jsonl'}" in result.output
+    assert "choose another path with -o" in result.output
+    assert "Traceback" not in result.output
+
+
 def test_download_unknown_job_prints_404(stack, tmp_path):
     result = invoke(stack, "download", "no-such-job", "-o", str(tmp_path / "o.jsonl"))
     assert result.exit_code == 1

@@ -605,6 +605,33 @@ def destroy(
     console.print(_cancel_summary(result), highlight=False, markup=False, soft_wrap=True)
 
 
+def _running_stack() -> tuple[int, str] | None:
+    """Returns the pid and API URL of the stack recorded in the state folder, if it still runs."""
+    try:
+        pid = int(_pid_file().read_text().strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    if not _is_stack_process(pid):
+        return None
+    try:
+        url = json.loads(_stack_file().read_text())["api_url"]
+    except (OSError, ValueError, KeyError):
+        url = "unknown"
+    return pid, url
+
+
+def _is_stack_process(pid: int) -> bool:
+    """Returns whether ``pid`` runs `tandemn local up`, so a stale pid that the system gave to
+    another process since is neither reported as a stack nor sent a signal. Where /proc is
+    missing the pid is trusted."""
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return not Path("/proc").is_dir()
+    return b"tandemn" in command and b"local" in command
+
+
 @local_app.command("up")
 def local_up(
     port: int = typer.Option(
@@ -635,6 +662,14 @@ def local_up(
     from tandemn import engine_paths
     from tandemn.stack import LocalStack, StackOptions
 
+    running = _running_stack()
+    if running is not None:
+        pid, url = running
+        _fail(
+            f"a local stack is already running (pid {pid}, API {url}) and records its state in "
+            f"{local_state_dir()}; stop it with `tandemn local down`, or give this one a folder "
+            "of its own with TANDEMN_LOCAL_STATE_DIR"
+        )
     options = StackOptions(
         api_port=port,
         slots=slots,
@@ -692,6 +727,10 @@ def local_down(
         console.print("no local stack is running")
         return
     pid = int(_pid_file().read_text().strip())
+    if not _is_stack_process(pid):
+        _pid_file().unlink(missing_ok=True)
+        console.print("no local stack is running (removed a stale pid file)")
+        return
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:

@@ -4,14 +4,18 @@ so the stack's own log lines go to a file instead of the caller's terminal."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import httpx
+
+from tandemn.api_client import STATE_DIR_VARIABLE
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
@@ -40,6 +44,12 @@ class StackProcess:
         self._log = log_path.open("wb")
         environment = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         environment["PYTHONUNBUFFERED"] = "1"
+        # A stack of its own records its pid and address in a folder of its own, unless the
+        # caller chose one, so it never replaces or removes those of a stack the user runs.
+        self._state_dir: str | None = None
+        if STATE_DIR_VARIABLE not in environment:
+            self._state_dir = tempfile.mkdtemp(prefix="tandemn-stack-")
+            environment[STATE_DIR_VARIABLE] = self._state_dir
         self.process = subprocess.Popen(
             [
                 sys.executable,
@@ -84,4 +94,6 @@ class StackProcess:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait(timeout=10)
         self._log.close()
+        if self._state_dir is not None:
+            shutil.rmtree(self._state_dir, ignore_errors=True)
         return self.process.returncode

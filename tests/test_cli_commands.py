@@ -606,6 +606,12 @@ def test_local_up_deploy_local_and_down(tmp_path):
         pid_file = tmp_path / "state" / "stack.pid"
         assert pid_file.read_text() == str(process.process.pid)
 
+        # A second stack on the same state folder would replace the first one's files.
+        second = runner.invoke(app, ["local", "up", "--engine", "fake"], env=environment)
+        assert second.exit_code == 1
+        assert f"a local stack is already running (pid {process.process.pid}" in second.output
+        assert pid_file.read_text() == str(process.process.pid)
+
         write_input(tmp_path / "in.jsonl", 2, max_tokens=10)
         deployed = runner.invoke(
             app,

@@ -19,7 +19,6 @@ from rich.progress import (
     TimeElapsedColumn,
     TransferSpeedColumn,
 )
-from rich.table import Table
 
 from tandemn import cli_metrics, cli_replicas, cli_web
 from tandemn.api_client import LOCAL_STATE_DIR, ApiClient, ApiError, local_state_dir
@@ -31,6 +30,7 @@ from tandemn.cli_common import (
     _print_json_line,
     console,
     errors,
+    key_value_table,
     number_in,
     print_listing,
 )
@@ -281,7 +281,7 @@ def status(
         _print_json(job)
         return
     chunks = job["chunks"]
-    table = Table(show_header=False)
+    table = key_value_table()
     for label, value in (
         ("job", job["job_id"]),
         ("status", job["status"]),
@@ -764,10 +764,9 @@ PLACEMENT_COLUMNS = (
 )
 
 
-def _placement_table(placements: list[dict[str, Any]]) -> Table:
-    table = Table(*PLACEMENT_COLUMNS)
-    for p in placements:
-        table.add_row(
+def _print_placements(placements: list[dict[str, Any]]) -> None:
+    rows = [
+        [
             str(p["rank"]),
             p["instance_type"],
             p["gpu_type"],
@@ -781,8 +780,10 @@ def _placement_table(placements: list[dict[str, Any]]) -> Table:
             f"{p['cost_per_million_tokens']:.3f}",
             f"{p['estimated_runtime_hours']:.2f}",
             "met" if p["meets_slo"] else f"missed ({p.get('limited_by') or 'throughput'})",
-        )
-    return table
+        ]
+        for p in placements
+    ]
+    print_listing(list(PLACEMENT_COLUMNS), rows)
 
 
 @app.command()
@@ -852,7 +853,7 @@ def plan(
             f"{result['slo_deadline_hours']} h"
         )
         if result["placements"]:
-            console.print(_placement_table(result["placements"]))
+            _print_placements(result["placements"])
         console.print(
             f"{result['placements_total']} placements, {len(result['dropped'])} dropped "
             "(--json lists the reasons)"

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.measure import Measurement
-from rich.table import Table
+from rich.table import Column, Table
 
 from tandemn.api_client import ApiClient, ApiError, default_api_url
 
@@ -39,14 +39,21 @@ def number_in(low: float | None, high: float | None = None):
     return check
 
 
-def print_listing(headers: list[str], rows: list[list[str]]) -> None:
+def key_value_table(title: str | None = None) -> Table:
+    """Returns a two-column table of labels and values whose long values wrap, not end in '…'."""
+    return Table(
+        Column(no_wrap=True), Column(overflow="fold"), show_header=False, title=title
+    )
+
+
+def print_listing(headers: list[str], rows: list[list[str]], title: str | None = None) -> None:
     """Prints rows as a table when it fits the terminal, else as one block of lines per row.
 
     The first column contains ids that users copy into the next command, and a table squeezed
     into a narrow terminal cuts ids short and splits numbers across lines. Each block starts
     with the row's id and lists the other columns as ``header: value``.
     """
-    table = Table(*headers)
+    table = Table(*headers, title=title)
     for row in rows:
         table.add_row(*row)
     # The measurement is capped at the width it is given, so give it room to find the natural one.
@@ -54,6 +61,8 @@ def print_listing(headers: list[str], rows: list[list[str]]) -> None:
     if natural <= console.width:
         console.print(table)
         return
+    if title:
+        console.print(title, highlight=False, markup=False, soft_wrap=True)
     for row in rows:
         console.print(f"{headers[0]} {row[0]}", highlight=False, markup=False, soft_wrap=True)
         for header, value in zip(headers[1:], row[1:], strict=True):

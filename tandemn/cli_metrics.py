@@ -21,6 +21,7 @@ from tandemn.cli_common import (  # noqa: F401
     _print_json_line,
     console,
     errors,
+    key_value_table,
     number_in,
     print_listing,
 )
@@ -316,7 +317,7 @@ def inspect(
     if as_json:
         _print_json(run if replicas else {k: v for k, v in run.items() if k != "replicas"})
         return
-    table = Table(show_header=False, title=f"run {run_id}")
+    table = key_value_table(title=f"run {run_id}")
     runtime, tokens, throughput = run["runtime"], run["tokens"], run["throughput"]
     latency = run.get("latency") or {}
     for label, value in (
@@ -371,11 +372,8 @@ def inspect(
         )
     console.print(table)
     if replicas:
-        per_replica = Table(
-            "replica", "phase", "instance", "GPU", "market", "running s", "USD/h", "USD"
-        )
-        for entry in run.get("replicas") or []:
-            per_replica.add_row(
+        rows = [
+            [
                 entry["replica_id"],
                 str(entry.get("phase")),
                 str(entry.get("instance_type") or "-"),
@@ -384,8 +382,11 @@ def inspect(
                 _format(entry.get("running_seconds")),
                 _format(entry.get("price_per_hour")),
                 _format(entry.get("accrued_usd")),
-            )
-        console.print(per_replica)
+            ]
+            for entry in run.get("replicas") or []
+        ]
+        headers = ["replica", "phase", "instance", "GPU", "market", "running s", "USD/h", "USD"]
+        print_listing(headers, rows)
 
 
 def timeseries(
@@ -418,20 +419,10 @@ def timeseries(
         _print_json(body)
         return
     rows = body["timeseries"] if replica else body["aggregated"]
-    table = Table(
-        "time",
-        "out tok/s",
-        "prompt tok/s",
-        "running",
-        "waiting",
-        "KV cache",
-        "TTFT p50 ms",
-        "TPOT p50 ms",
-        "tokens out",
-        title=f"{run_id}: {'replica ' + replica if replica else 'all replicas'}, {len(rows)} rows",
-    )
-    for row in rows:
-        table.add_row(
+    headers = ["time", "out tok/s", "prompt tok/s", "running", "waiting", "KV cache"]
+    headers += ["TTFT p50 ms", "TPOT p50 ms", "tokens out"]
+    listing = [
+        [
             time.strftime("%H:%M:%S", time.localtime(row["timestamp"]))
             if row.get("timestamp")
             else "-",
@@ -443,8 +434,11 @@ def timeseries(
             _format(row.get("ttft_ms_p50")),
             _format(row.get("tpot_ms_p50")),
             _format(row.get("generation_tokens_total") or row.get("live_gen_tokens_total")),
-        )
-    console.print(table)
+        ]
+        for row in rows
+    ]
+    scope = f"replica {replica}" if replica else "all replicas"
+    print_listing(headers, listing, title=f"{run_id}: {scope}, {len(rows)} rows")
 
 
 def register(app: typer.Typer) -> None:

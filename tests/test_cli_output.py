@@ -76,3 +76,13 @@ def test_slo_option_rejects_value(value, message):
     )
     assert result.exit_code == 2
     assert message in result.output
+
+
+def test_key_value_table_wraps_long_values():
+    console = Console(width=40, record=True, color_system=None)
+    table = cli_common.key_value_table()
+    table.add_row("output", "s3://tandemn-local/jobs/a-long-job-id-12345678/output.jsonl")
+    console.print(table)
+    text = "".join(line.strip("│ ") for line in console.export_text().splitlines())
+    assert "…" not in text
+    assert "a-long-job-id-12345678/output.jsonl" in text.replace(" ", "")

@@ -146,6 +146,8 @@ def build_report(settings: Settings, job: dict[str, Any]) -> dict[str, Any]:
             "total": int(job.get("num_requests") or 0),
             "succeeded": succeeded,
             "failed": failed,
+            # Requests of a cancelled job that never ran, so 0 for a job that was not cancelled.
+            "cancelled": int(job.get("requests_cancelled") or 0),
         },
         "tokens": {
             "prompt": int(prompt_tokens),

@@ -16,7 +16,7 @@ from chalice import Response
 from pydantic import BaseModel, ValidationError
 
 from chalicelib.errors import ControlPlaneError, InvalidRequest, PayloadTooLarge
-from chalicelib.models import ID_RE
+from chalicelib.models import ID_PATTERN, ID_RE
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,11 @@ def _field_error(error: dict[str, Any], model: type[BaseModel]) -> dict[str, Any
         message = f"unknown field {location!r}; allowed fields are: {allowed}"
     elif kind == "missing":
         message = f"field {location!r} is required"
+    elif kind == "string_pattern_mismatch" and error.get("ctx", {}).get("pattern") == ID_PATTERN:
+        message = (
+            f"{location}: value {_describe(value)} is not a valid id; ids are 1 to 80 lowercase "
+            "letters, digits and hyphens, starting with a letter or digit, as the API returned them"
+        )
     else:
         reason = error.get("msg", "is invalid")
         reason = reason.removeprefix("Value error, ")

@@ -63,10 +63,8 @@ def submit(settings: Settings, request: SubmitBatchRequest) -> dict[str, Any]:
         )
     size = int(head["ContentLength"])
     if size == 0:
-        raise InvalidInput(
-            f"input file {request.input_file} is empty; it must contain at least one request",
-            errors=[{"line": None, "field": None, "message": "input file contains no requests"}],
-        )
+        message = f"input file {request.input_file} is empty; it must contain at least one request"
+        raise InvalidInput(message, errors=[{"line": None, "field": None, "message": message}])
     if size > validation.MAX_FILE_BYTES:
         raise InvalidInput(
             f"input file {request.input_file} is {size} bytes, more than the limit of "

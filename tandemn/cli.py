@@ -117,6 +117,8 @@ def _input_uri(client: ApiClient, input_file: str) -> str:
     if input_file.startswith("s3://"):
         return input_file
     path = Path(input_file)
+    if path.is_dir():
+        _fail(f"input file {input_file} is a folder; give the path of a JSONL file in it")
     if not path.is_file():
         _fail(f"input file {input_file} not found; give a path to a JSONL file or an s3:// URI")
     return _call(client.upload, path)
@@ -219,7 +221,9 @@ def deploy(
     for name, flag in (("on_demand", on_demand), ("persist", persist), ("force", force)):
         if flag:
             body[name] = True
-    submitted = _call(client.post, "/submit/batch", body)
+    submitted = _call(
+        client.post, "/submit/batch", body, local_names={body["input_file"]: input_file}
+    )
     if as_json:
         _print_json_line(submitted)
     else:
@@ -601,7 +605,10 @@ def destroy(
         _print_json(result)
         return
     if result["already_cancelled"]:
-        console.print(f"job {job_id} was already cancelled", highlight=False)
+        stopped = ", ".join(result["stopped_replicas"])
+        extra = f"; stopped the replicas still running: {stopped}" if stopped else ""
+        console.print(f"job {job_id} was already cancelled{extra}", highlight=False)
+        return
     console.print(_cancel_summary(result), highlight=False, markup=False, soft_wrap=True)
 
 
@@ -842,7 +849,9 @@ def plan(
     )
     if on_demand:
         body["on_demand"] = True
-    result = _call(client.post, "/test/placement", body)
+    result = _call(
+        client.post, "/test/placement", body, local_names={body["input_file"]: input_file}
+    )
     if as_json:
         _print_json(result)
     else:

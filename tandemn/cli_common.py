@@ -98,12 +98,19 @@ def cli_words(message: str) -> str:
     return message
 
 
-def _call(function, *args: Any, **kwargs: Any) -> Any:
-    """Calls the API; an API error prints its message and exits 1."""
+def _call(function, *args: Any, local_names: dict[str, str] | None = None, **kwargs: Any) -> Any:
+    """Calls the API; an API error prints its message and exits 1.
+
+    ``local_names`` maps names in the API's message to the user's own, such as the s3:// URI of
+    an uploaded file to the local path it came from.
+    """
     try:
         return function(*args, **kwargs)
     except ApiError as error:
-        _fail(cli_words(str(error)))
+        message = cli_words(str(error))
+        for api_name, local_name in (local_names or {}).items():
+            message = message.replace(api_name, local_name)
+        _fail(message)
 
 
 def _print_json(data: Any) -> None:

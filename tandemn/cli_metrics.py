@@ -334,7 +334,12 @@ def inspect(
         ),
         (
             "requests",
-            f"{run['requests']['succeeded']} succeeded, {run['requests']['failed']} failed",
+            f"{run['requests']['succeeded']} succeeded, {run['requests']['failed']} failed"
+            + (
+                f", {run['requests']['cancelled']} cancelled"
+                if run["requests"].get("cancelled")
+                else ""
+            ),
         ),
         (
             "tokens",

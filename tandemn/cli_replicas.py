@@ -61,9 +61,13 @@ def add(
         _print_json(result)
         return
     console.print(
-        f"job {job_id}: {len(result['new_replicas'])} replicas added (version "
+        f"job {job_id}: {_count(len(result['new_replicas']), 'replica')} added (version "
         f"{result['version']}): {', '.join(result['new_replicas'])}"
     )
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 def kill(

@@ -94,6 +94,8 @@ def test_cancel_stops_work_and_keeps_outputs(client, aws_account):
     assert view["requests_succeeded"] == 2
     assert view["requests_failed"] == 0
     assert view["requests_cancelled"] == 4
+    run = support.get(client, f"/analytics/runs/{job_id}").json_body["run"]
+    assert run["requests"] == {"total": 6, "succeeded": 2, "failed": 0, "cancelled": 4}
 
 
 def test_cancelled_job_hands_out_no_work(client, aws_account):

@@ -253,6 +253,15 @@ def test_kill_skips_replicas_of_other_jobs(client, aws_account, job):
     assert response.json_body["skipped"][0]["replica_id"] == "someone-else-v2-r0"
 
 
+def test_kill_invalid_replica_id_is_400(client, aws_account, job):
+    job_id, _ = job
+    response = support.post(client, f"/job/{job_id}/kill", {"replica_ids": ["../x"]})
+    assert response.status_code == 400
+    message = response.json_body["message"]
+    assert 'replica_ids.0: value "../x" is not a valid id' in message
+    assert "lowercase letters, digits and hyphens" in message
+
+
 def test_kill_retries_after_concurrent_phase_change(client, aws_account, job, monkeypatch):
     job_id, [(first, _), _] = job
     read = replicas.get_replica

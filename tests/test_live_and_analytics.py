@@ -357,7 +357,7 @@ def test_assembly_writes_run_report(job_and_replica, aws_account):
     assert support.get(client, f"/job/{job_id}").json_body["status"] == "succeeded"
     run = support.get(client, f"/analytics/runs/{job_id}").json_body["run"]
     assert run["model_name"] == "org/Tiny-1B"
-    assert run["requests"] == {"total": 2, "succeeded": 2, "failed": 0}
+    assert run["requests"] == {"total": 2, "succeeded": 2, "failed": 0, "cancelled": 0}
     assert run["tokens"]["generation"] == 4000
     assert run["tokens"]["source"] == "engine"
     assert run["latency"]["ttft_ms_p50"] is not None

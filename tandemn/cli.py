@@ -33,6 +33,7 @@ from tandemn.cli_common import (
     key_value_table,
     number_in,
     print_listing,
+    valid_id,
 )
 
 app = typer.Typer(
@@ -266,7 +267,7 @@ def _print_jobs(jobs: list[dict[str, Any]]) -> None:
 
 @app.command()
 def status(
-    job_id: str | None = typer.Argument(None, help="Job to show; omit to list recent jobs."),
+    job_id: str | None = typer.Argument(None, callback=valid_id, help="Job to show; omit to list recent jobs."),
     limit: int = typer.Option(20, "--limit", min=1, max=200, help="Jobs to list."),
     api_url: str | None = ApiUrl,
     as_json: bool = JsonFlag,
@@ -398,7 +399,7 @@ def _follow(
 
 @app.command()
 def progress(
-    job_id: str = typer.Argument(..., help="Job to follow."),
+    job_id: str = typer.Argument(..., callback=valid_id, help="Job to follow."),
     interval: float = typer.Option(
         1.0, "--interval", callback=number_in(0.2), help="Seconds between polls of the job."
     ),
@@ -428,7 +429,7 @@ OutputPath = typer.Option(
 
 @app.command()
 def download(
-    job_id: str = typer.Argument(..., help="Finished job whose output to fetch."),
+    job_id: str = typer.Argument(..., callback=valid_id, help="Finished job whose output to fetch."),
     output: Path | None = OutputPath,
     api_url: str | None = ApiUrl,
     as_json: bool = typer.Option(
@@ -574,7 +575,7 @@ def _cancel_summary(result: dict[str, Any]) -> str:
 @app.command()
 def destroy(
     job_id: str | None = typer.Argument(
-        None, metavar="JOB", help="Job to cancel (leave it out with --all)."
+        None, callback=valid_id, metavar="JOB", help="Job to cancel (leave it out with --all)."
     ),
     all_jobs: bool = typer.Option(
         False, "--all", help="Cancel every job that has not ended (asks first, unless --yes)."

@@ -18,6 +18,20 @@ console = Console()
 errors = Console(stderr=True)
 
 
+def valid_id(value: str | list[str] | None) -> str | list[str] | None:
+    """Rejects a job, run or replica id that the API could not have issued, before it is put in
+    a URL path where a "/", "%" or ";" would change which route the request reaches."""
+    from chalicelib.models import ID_RE  # pydantic loads only for commands that take an id
+
+    for item in value if isinstance(value, list) else [value]:
+        if item is not None and not ID_RE.match(item):
+            raise typer.BadParameter(
+                f"{item!r} is not a valid id; ids are 1 to 80 lowercase letters, digits and "
+                "hyphens, starting with a letter or digit, as `tandemn status` lists them"
+            )
+    return value
+
+
 def number_in(low: float | None, high: float | None = None):
     """Returns an option callback that accepts a finite number within [low, high].
 

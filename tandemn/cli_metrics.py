@@ -24,6 +24,7 @@ from tandemn.cli_common import (  # noqa: F401
     key_value_table,
     number_in,
     print_listing,
+    valid_id,
 )
 
 TERMINAL_STATUSES = {"succeeded", "completed_with_errors", "failed", "cancelled"}
@@ -125,7 +126,7 @@ def _metrics_view(
 
 
 def metrics(
-    job_id: str = typer.Argument(..., help="Job whose metrics to show."),
+    job_id: str = typer.Argument(..., callback=valid_id, help="Job whose metrics to show."),
     watch: bool = typer.Option(
         False, "-w", "--watch", help="Refresh until the job ends or Ctrl-C is pressed."
     ),
@@ -133,7 +134,7 @@ def metrics(
         2.0, "--interval", callback=number_in(0.5), help="Seconds between refreshes with --watch."
     ),
     replica: str | None = typer.Option(
-        None, "--replica", help="Show this replica's snapshot instead of the job's."
+        None, "--replica", callback=valid_id, help="Show this replica's snapshot instead of the job's."
     ),
     compare: bool = typer.Option(
         False, "--compare", help="Add one column per replica next to the job's totals."
@@ -219,7 +220,7 @@ def parse_events(text: str) -> tuple[list[tuple[str, str]], float | None]:
 
 
 def stream(
-    job_id: str = typer.Argument(..., help="Job whose metrics to follow."),
+    job_id: str = typer.Argument(..., callback=valid_id, help="Job whose metrics to follow."),
     api_url: str | None = ApiUrl,
     as_json: bool = typer.Option(
         False, "--json", help="Print each snapshot as one JSON line instead of a summary line."
@@ -305,7 +306,7 @@ def history(
 
 
 def inspect(
-    run_id: str = typer.Argument(..., help="Run to show (the job id of a finished job)."),
+    run_id: str = typer.Argument(..., callback=valid_id, help="Run to show (the job id of a finished job)."),
     replicas: bool = typer.Option(
         False, "--replicas", help="Also list each replica with its runtime, cost and summary."
     ),
@@ -395,9 +396,9 @@ def inspect(
 
 
 def timeseries(
-    run_id: str = typer.Argument(..., help="Run whose stored snapshots to show."),
+    run_id: str = typer.Argument(..., callback=valid_id, help="Run whose stored snapshots to show."),
     replica: str | None = typer.Option(
-        None, "--replica", help="Only this replica's rows (default: every replica)."
+        None, "--replica", callback=valid_id, help="Only this replica's rows (default: every replica)."
     ),
     start: float | None = typer.Option(
         None, "--start", callback=number_in(None), help="First time to include, Unix seconds."

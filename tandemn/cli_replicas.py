@@ -8,7 +8,7 @@ from typing import Any
 import typer
 
 from tandemn.api_client import ApiClient, ApiError, default_api_url
-from tandemn.cli_common import _call, _print_json, console, print_listing
+from tandemn.cli_common import _call, _print_json, console, print_listing, valid_id
 
 ApiUrl = typer.Option(
     None,
@@ -26,7 +26,7 @@ OnDemand = typer.Option(
     help="On-demand or spot instances only (default: spot first, then on-demand).",
 )
 Force = typer.Option(False, "--force", help="Skip the checks that protect against idle replicas.")
-ReplicaIds = typer.Argument(..., help="Replica ids, as `tandemn replicas` lists them.")
+ReplicaIds = typer.Argument(..., callback=valid_id, help="Replica ids, as `tandemn replicas` lists them.")
 
 
 def _placement(gpu_type: str | None, tp: int | None, pp: int | None, on_demand: bool | None):
@@ -43,7 +43,7 @@ def _placement(gpu_type: str | None, tp: int | None, pp: int | None, on_demand: 
 
 
 def add(
-    job_id: str = typer.Argument(..., help="Job that gets the replicas."),
+    job_id: str = typer.Argument(..., callback=valid_id, help="Job that gets the replicas."),
     count: int = typer.Option(1, "--count", "-n", min=1, max=256, help="Replicas to add."),
     gpu_type: str | None = GpuType,
     tp: int | None = TpSize,
@@ -71,7 +71,7 @@ def _count(number: int, noun: str) -> str:
 
 
 def kill(
-    job_id: str = typer.Argument(..., help="Job whose replicas to stop."),
+    job_id: str = typer.Argument(..., callback=valid_id, help="Job whose replicas to stop."),
     replica_ids: list[str] = ReplicaIds,
     api_url: str | None = ApiUrl,
     as_json: bool = JsonFlag,
@@ -118,7 +118,7 @@ def _warn_if_no_replica_left(client: ApiClient, job_id: str) -> None:
 
 
 def swap(
-    job_id: str = typer.Argument(..., help="Job whose replicas to replace."),
+    job_id: str = typer.Argument(..., callback=valid_id, help="Job whose replicas to replace."),
     gpu_type: str | None = GpuType,
     tp: int | None = TpSize,
     pp: int | None = PpSize,
@@ -165,7 +165,7 @@ def swap(
 
 
 def replicas_command(
-    job_id: str = typer.Argument(..., help="Job whose replicas to list."),
+    job_id: str = typer.Argument(..., callback=valid_id, help="Job whose replicas to list."),
     api_url: str | None = ApiUrl,
     as_json: bool = JsonFlag,
 ) -> None:

@@ -19,7 +19,7 @@ import httpx
 import typer
 
 from tandemn.api_client import ApiError, _error_message, default_api_url
-from tandemn.cli_common import _fail, console
+from tandemn.cli_common import _fail, console, valid_id
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 # https://<api id>.execute-api.<region>.amazonaws.com/<stage>
@@ -89,7 +89,7 @@ def dashboard_url(api_url: str, token: str | None = None, job_id: str | None = N
 
 def web(
     job_id: str | None = typer.Argument(
-        None, help="Job to show first (default: the newest active)."
+        None, callback=valid_id, help="Job to show first (default: the newest active)."
     ),
     print_only: bool = typer.Option(
         False, "--print", help="Print the dashboard URL instead of opening a browser."

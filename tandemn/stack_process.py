@@ -50,6 +50,8 @@ class StackProcess:
         if STATE_DIR_VARIABLE not in environment:
             self._state_dir = tempfile.mkdtemp(prefix="tandemn-stack-")
             environment[STATE_DIR_VARIABLE] = self._state_dir
+        # Where the stack records its pid and address: `--local` commands find it through it.
+        self.state_dir = environment[STATE_DIR_VARIABLE]
         self.process = subprocess.Popen(
             [
                 sys.executable,

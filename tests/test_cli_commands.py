@@ -409,11 +409,18 @@ def test_timeseries_table_and_json(stack, finished_job):
     assert f"replica {job_id}-r0" in table.output
 
 
-def test_timeseries_bad_replica_id_prints_400(stack, finished_job):
+def test_timeseries_bad_replica_id_exits_2(stack, finished_job):
+    # The CLI rejects the id before any request, as a usage error.
     result = invoke(stack, "timeseries", finished_job["job_id"], "--replica", "Bad_Id")
-    assert result.exit_code == 1
-    assert "HTTP 400" in result.output
-    assert "Bad_Id" in result.output
+    assert result.exit_code == 2
+    assert "'Bad_Id' is not a valid id" in result.output
+
+
+@pytest.mark.parametrize("job_id", ["../../etc/passwd", "%00", "x'; DROP", "a/b"])
+def test_status_invalid_job_id_exits_2(stack, job_id):
+    result = invoke(stack, "status", job_id)
+    assert result.exit_code == 2
+    assert "is not a valid id" in result.output
 
 
 # download

@@ -99,7 +99,7 @@ def test_deploy_local_launches_through_state_machines(stack, tmp_path):
             "2",
             "--json",
         ],
-        env={"TANDEMN_API_URL": "http://127.0.0.1:9"},
+        env={"TANDEMN_API_URL": "http://127.0.0.1:9", "TANDEMN_LOCAL_STATE_DIR": stack.state_dir},
         catch_exceptions=False,
     )
     assert result.exit_code == 0, result.output

@@ -54,10 +54,11 @@ def build_report(settings: Settings, job: dict[str, Any]) -> dict[str, Any]:
         max(0.0, finished_at - first_metrics_at) if first_metrics_at is not None else None
     )
     # The tokens of the delivered output: the usage in output.jsonl, summed by assembly, else
-    # the usage each completed chunk reported. Engine counters also count attempts that never
-    # completed (a killed replica, a retried chunk). llama.cpp also leaves out the prompt tokens
-    # it served from its cache (a repeated 29-token prompt added 1 to its counter). So engine
-    # counters are kept apart as the work the engines did, and used only when no record had usage.
+    # the usage each completed chunk reported. Engine counters come from periodic snapshots, so
+    # they count attempts that never completed up to a killed replica's last snapshot and miss
+    # its work after it. llama.cpp also leaves out the prompt tokens it served from its cache (a
+    # repeated 29-token prompt added 1 to its counter). So engine counters are kept apart, and
+    # used only when no record had usage.
     metrics = snapshot or {}
     engine_prompt = metrics.get("prompt_tokens_total")
     engine_generation = metrics.get("generation_tokens_total")

@@ -48,6 +48,9 @@ StopReason = Literal["lease_lost", "drain"]
 
 # Renewal never runs more often than this, whatever lease_seconds the control plane sets.
 MIN_RENEW_INTERVAL_SECONDS = 0.05
+# Longest wait for the metrics snapshot sent before each completion (one engine /metrics read
+# and one ingest request).
+METRICS_BEFORE_COMPLETION_TIMEOUT = 10.0
 
 
 class ChunkStopped(Exception):
@@ -154,6 +157,25 @@ class Runner:
             return await self._work()
         finally:
             await self._finish_telemetry()
+
+    async def _send_metrics_before_completion(self, work: Any) -> None:
+        """Sends a metrics snapshot that covers the chunk's requests before it is completed.
+
+        The job's last completion starts its teardown, which closes the replicas' metrics, so a
+        snapshot sent after it would be rejected and the job's final counters would miss the
+        last seconds of work. A slow or failed send only delays the completion by its timeout.
+        """
+        if self.telemetry is None:
+            return
+        try:
+            await asyncio.wait_for(self.telemetry.tick(), METRICS_BEFORE_COMPLETION_TIMEOUT)
+        except TimeoutError:
+            logger.warning("metrics snapshot before completion timed out", extra=work.log_ids)
+        except Exception as error:  # noqa: BLE001 - metrics must never stop a completion
+            logger.warning(
+                "metrics snapshot before completion failed",
+                extra={**work.log_ids, "error": f"{type(error).__name__}: {error}"},
+            )
 
     async def _finish_telemetry(self) -> None:
         """Send the last metrics and the replica summary, before the replica reports its end."""
@@ -427,6 +449,7 @@ class Runner:
             return
 
         renewer.cancel()
+        await self._send_metrics_before_completion(work)
         try:
             result = await self._guarded(
                 work,

@@ -374,7 +374,7 @@ def inspect(
         table.add_row(
             "engine tokens",
             f"{_format(engine['prompt'])} prompt, {_format(engine['generation'])} output "
-            "(work the engines did, retried attempts included)",
+            "(the engines' own counters, from their metrics snapshots)",
         )
     console.print(table)
     if replicas:

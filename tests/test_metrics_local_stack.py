@@ -109,6 +109,12 @@ def test_cli_metrics_during_llama_job(tmp_path, monkeypatch):
         assert run["tokens"]["generation"] > 0
         assert run["latency"]["ttft_ms_p50"] is not None
         assert run["replicas"][0]["summary"]["requests_succeeded"] == 24
+        # Each completion follows a snapshot of its requests, so the final counters cover them.
+        final = client.get(f"/job/{job_id}/metrics")
+        assert final["request_success_total"] == 24
+        assert final["live_gen_tokens_total"] == run["tokens"]["generation"]
+        assert final["generation_tokens_total"] == run["tokens"]["generation"]
+        assert run["engine_tokens"]["generation"] == run["tokens"]["generation"]
         history = cli_json("history", *api)
         assert job_id in [r["run_id"] for r in history["runs"]]
         series = cli_json("timeseries", job_id, *api)

@@ -357,3 +357,48 @@ def test_runner_sends_summary_before_replica_complete(s3, servers):  # noqa: F81
     assert sum(c["generation_tokens"] for c in completions) == 24
     sent = [s for body in control.calls_to("metrics/ingest") for s in body["snapshots"]]
     assert sum(s["counters"].get("live_generation_tokens", 0) for s in sent) == 24
+
+
+def test_runner_sends_metrics_before_each_completion(s3, servers):  # noqa: F811
+    lines = [request_line(f"req-{i}", max_tokens=4) for i in range(6)]
+    leases = upload_leases(s3, "before-complete.jsonl", lines, chunk_size=3)
+    control = servers(new_control(leases))
+    engine_server = servers(FakeEngine(slots=4))
+
+    async def main():
+        control_client = ControlPlaneClient(
+            control.url, JOB_ID, REPLICA_ID, TOKEN, retry=FAST_RETRY
+        )
+        engine = EngineClient(engine_server.url, retry=FAST_ENGINE_RETRY)
+        # An hour between periodic snapshots: only the start, the completions and the close send.
+        telemetry = Telemetry(control_client, engine, interval=3600, gpu=NoGpu())
+        runner = Runner(
+            control_client,
+            engine,
+            ChunkStorage(retry=FAST_RETRY),
+            poll_interval=0.05,
+            health_poll_interval=0.05,
+            telemetry=telemetry,
+        )
+        try:
+            return await asyncio.wait_for(runner.run(), 20)
+        finally:
+            await control_client.aclose()
+            await engine.aclose()
+
+    assert asyncio.run(main()) == 0
+    routes = [route for route, _ in control.calls]
+    completions = [i for i, route in enumerate(routes) if route == "chunks/complete"]
+    assert len(completions) == 2
+    for index in completions:
+        assert routes[index - 1] == "metrics/ingest", routes
+    # The snapshots sent before the last completion already count every request's tokens.
+    last = completions[-1]
+    before = [
+        snapshot
+        for route, body in control.calls[:last]
+        if route == "metrics/ingest"
+        for snapshot in body["snapshots"]
+    ]
+    assert sum(s["counters"].get("live_generation_tokens", 0) for s in before) == 24
+

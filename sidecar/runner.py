@@ -48,7 +48,7 @@ StopReason = Literal["lease_lost", "drain"]
 
 # Renewal never runs more often than this, whatever lease_seconds the control plane sets.
 MIN_RENEW_INTERVAL_SECONDS = 0.05
-# Longest wait for the metrics snapshot sent before each completion (one engine /metrics read
+# Maximum wait for the metrics snapshot sent before each completion (one engine /metrics read
 # and one ingest request).
 METRICS_BEFORE_COMPLETION_TIMEOUT = 10.0
 

@@ -9,8 +9,8 @@ replica's throughput and the job's runtime; the job's control-plane traffic foll
   every lease_seconds / 3). The sidecar's ranged S3 GET of the input and S3 PUT of the output,
   and the control plane's S3 HEAD of the output;
 - per replica, for the whole runtime: a metrics snapshot every 5 s and a heartbeat every 20 s,
-  each one API request. Each snapshot causes at most one push_metrics Lambda invocation, through
-  the metrics table's stream;
+  each one API request, plus the snapshot the sidecar sends before each chunk completion. Each
+  snapshot causes at most one push_metrics Lambda invocation, through the metrics table's stream;
 - per job: submission and teardown (assembly, run report), metered on whole jobs of 10 and 40
   chunks and extrapolated linearly to the job's chunk count; the output's multipart upload;
   the Step Functions state transitions and Lambda tasks of launch, scale and teardown, counted
@@ -150,7 +150,8 @@ def job_counts(units: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     # held for up to two chunk times. The sidecar renews it every third of the lease.
     renews_per_chunk = math.floor(2 * chunk_seconds / (settings.lease_seconds / 3))
     steps = units["lifecycle"][max(units["lifecycle"], key=int)]
-    snapshots = replicas * runtime / SNAPSHOT_SECONDS
+    # The periodic snapshots, and the one each sidecar sends just before it completes a chunk.
+    snapshots = replicas * runtime / SNAPSHOT_SECONDS + chunks
     heartbeats = replicas * runtime / HEARTBEAT_SECONDS
     watchdog_runs = runtime / WATCHDOG_SECONDS
     # Happy paths: scale (Map + one StartLaunch per replica), launch (LaunchCandidate, Launched,

@@ -239,7 +239,7 @@ def deploy(
                 soft_wrap=True,
             )
     if wait:
-        final = _follow(client, submitted["job_id"], as_json=as_json)
+        final = _follow_command(client, submitted["job_id"], as_json=as_json)
         raise typer.Exit(0 if final["status"] == "succeeded" else 1)
 
 
@@ -340,52 +340,41 @@ def _follow_json(client: ApiClient, job_id: str, interval: float) -> dict[str, A
         time.sleep(interval)
 
 
+class _Rate:
+    """Output tokens per second and the ETA, averaged since the command started following."""
+
+    def __init__(self) -> None:
+        self.first: tuple[float, int] | None = None
+
+    def texts(self, job: dict[str, Any], total: int, done: int) -> tuple[str, str]:
+        # Replicas report tokens when a chunk completes, so a short window would often show
+        # none; the rate is the average since this command started following.
+        now, tokens = time.monotonic(), int(job.get("generation_tokens_total") or 0)
+        if self.first is None:
+            self.first = (now, tokens)
+            return "- tok/s", "-"
+        if now <= self.first[0]:
+            return "- tok/s", "-"
+        rate = (tokens - self.first[1]) / (now - self.first[0])
+        eta = "-"
+        if done > 0 and rate > 0 and tokens > 0:
+            eta = f"{(total - done) * tokens / done / rate:.0f}s"
+        return f"{rate:.0f} tok/s", eta
+
+
 def _follow(
     client: ApiClient, job_id: str, interval: float = 1.0, *, as_json: bool = False
 ) -> dict[str, Any]:
-    """Shows a progress bar (requests done, output tokens/s, ETA) until the job ends."""
+    """Shows the job's progress (requests done, output tokens/s, ETA) until it ends.
+
+    A terminal gets a progress bar, and other output (a log file) gets a line at each change.
+    """
     if as_json:
         return _follow_json(client, job_id, interval)
-    job = _call(client.get, f"/job/{job_id}")
-    total = max(int(job.get("num_lines") or 0), 1)
-    samples: list[tuple[float, int]] = []
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} requests"),
-        TextColumn("{task.fields[rate]}"),
-        TextColumn("ETA {task.fields[eta]}"),
-        TimeElapsedColumn(),
-        console=console,
-    ) as progress:
-        task = progress.add_task(job_id, total=total, rate="- tok/s", eta="-")
-        while True:
-            job = _call(client.get, f"/job/{job_id}")
-            total = max(int(job.get("num_lines") or 0), 1)
-            done = int(job.get("requests_done") or 0)
-            now = time.monotonic()
-            # Replicas report tokens when a chunk completes, so a short window would often
-            # show none; the rate is the average since this command started following.
-            samples.append((now, int(job.get("generation_tokens_total") or 0)))
-            samples = [samples[0], samples[-1]]
-            rate_text, eta_text = "- tok/s", "-"
-            if len(samples) >= 2 and samples[-1][0] > samples[0][0]:
-                rate = (samples[-1][1] - samples[0][1]) / (samples[-1][0] - samples[0][0])
-                rate_text = f"{rate:.0f} tok/s"
-                if done > 0 and rate > 0 and samples[-1][1] > 0:
-                    tokens_per_request = samples[-1][1] / done
-                    eta_text = f"{(total - done) * tokens_per_request / rate:.0f}s"
-            progress.update(
-                task,
-                total=total,
-                completed=done,
-                rate=rate_text,
-                eta=eta_text,
-                description=f"{job_id} {job['status']}",
-            )
-            if job["status"] in TERMINAL_STATUSES:
-                break
-            time.sleep(interval)
+    if console.is_terminal:
+        job = _follow_bar(client, job_id, interval)
+    else:
+        job = _follow_lines(client, job_id, interval)
     summary = f"job {job_id} {job['status']}"
     if job.get("requests_succeeded") is not None:
         summary += f": {job['requests_succeeded']} succeeded, {job['requests_failed']} failed"
@@ -395,6 +384,75 @@ def _follow(
         summary += f" ({job['cancel_reason']})"
     console.print(summary)
     return job
+
+
+def _follow_command(
+    client: ApiClient, job_id: str, interval: float = 1.0, *, as_json: bool = False
+) -> dict[str, Any]:
+    """Follows a job for a command; Ctrl-C stops following, not the job, and says so."""
+    try:
+        return _follow(client, job_id, interval, as_json=as_json)
+    except KeyboardInterrupt:
+        errors.print(
+            f"stopped following job {job_id}; the job keeps running. `tandemn status {job_id}` "
+            f"shows it and `tandemn destroy {job_id}` cancels it",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(130) from None
+
+
+def _follow_bar(client: ApiClient, job_id: str, interval: float) -> dict[str, Any]:
+    rate = _Rate()
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} requests"),
+        TextColumn("{task.fields[rate]}"),
+        TextColumn("ETA {task.fields[eta]}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task(job_id, total=1, rate="- tok/s", eta="-")
+        while True:
+            job = _call(client.get, f"/job/{job_id}")
+            total = max(int(job.get("num_lines") or 0), 1)
+            done = int(job.get("requests_done") or 0)
+            rate_text, eta_text = rate.texts(job, total, done)
+            progress.update(
+                task,
+                total=total,
+                completed=done,
+                rate=rate_text,
+                eta=eta_text,
+                description=f"{job_id} {job['status']}",
+            )
+            if job["status"] in TERMINAL_STATUSES:
+                return job
+            time.sleep(interval)
+
+
+def _follow_lines(client: ApiClient, job_id: str, interval: float) -> dict[str, Any]:
+    rate = _Rate()
+    last = None
+    while True:
+        job = _call(client.get, f"/job/{job_id}")
+        total = max(int(job.get("num_lines") or 0), 1)
+        done = int(job.get("requests_done") or 0)
+        rate_text, eta_text = rate.texts(job, total, done)
+        if (job["status"], done) != last:
+            console.print(
+                f"{time.strftime('%H:%M:%S')} job {job_id} {job['status']}: {done}/{total} "
+                f"requests, {rate_text}, ETA {eta_text}",
+                highlight=False,
+                markup=False,
+                soft_wrap=True,
+            )
+            last = (job["status"], done)
+        if job["status"] in TERMINAL_STATUSES:
+            return job
+        time.sleep(interval)
 
 
 @app.command()
@@ -414,7 +472,7 @@ def progress(
 
     Exits 0 when the job succeeded and 1 otherwise.
     """
-    final = _follow(_client(api_url), job_id, interval, as_json=as_json)
+    final = _follow_command(_client(api_url), job_id, interval, as_json=as_json)
     raise typer.Exit(0 if final["status"] == "succeeded" else 1)
 
 

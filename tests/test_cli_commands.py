@@ -296,6 +296,8 @@ def test_progress_of_finished_job(stack, finished_job):
     bar = invoke(stack, "progress", job_id)
     assert bar.exit_code == 0, bar.output
     assert f"job {job_id} succeeded: 6 succeeded, 0 failed" in bar.output
+    # Output that is not a terminal (a log file) gets one plain line per change.
+    assert f"job {job_id} succeeded: 6/6 requests" in bar.output
 
     lines = invoke(stack, "progress", job_id, "--json")
     assert lines.exit_code == 0

@@ -86,3 +86,20 @@ def test_key_value_table_wraps_long_values():
     text = "".join(line.strip("│ ") for line in console.export_text().splitlines())
     assert "…" not in text
     assert "a-long-job-id-12345678/output.jsonl" in text.replace(" ", "")
+
+
+def test_interrupted_follow_says_job_keeps_running(monkeypatch, capsys):
+    from tandemn import cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_follow", interrupted)
+    monkeypatch.setattr(cli, "errors", Console(stderr=True, width=200, color_system=None))
+    with pytest.raises(typer.Exit) as stopped:
+        cli._follow_command(None, "job-1")
+    assert stopped.value.exit_code == 130
+    printed = capsys.readouterr().err
+    assert "stopped following job job-1; the job keeps running" in printed
+    assert "`tandemn destroy job-1` cancels it" in printed
+

@@ -389,7 +389,7 @@ def _follow(
 def _follow_command(
     client: ApiClient, job_id: str, interval: float = 1.0, *, as_json: bool = False
 ) -> dict[str, Any]:
-    """Follows a job for a command; Ctrl-C stops following, not the job, and says so."""
+    """Follows a job for a command. Ctrl-C stops following, not the job, and prints how to resume."""
     try:
         return _follow(client, job_id, interval, as_json=as_json)
     except KeyboardInterrupt:

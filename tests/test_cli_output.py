@@ -88,7 +88,7 @@ def test_key_value_table_wraps_long_values():
     assert "a-long-job-id-12345678/output.jsonl" in text.replace(" ", "")
 
 
-def test_interrupted_follow_says_job_keeps_running(monkeypatch, capsys):
+def test_interrupted_follow_prints_job_still_runs(monkeypatch, capsys):
     from tandemn import cli
 
     def interrupted(*args, **kwargs):

@@ -104,8 +104,10 @@ def submit(settings: Settings, request: SubmitBatchRequest) -> dict[str, Any]:
     # Planned before anything is written: an infeasible user_specified placement is a 409.
     fields.update(placement.plan_for_job(settings, request, result.stats))
     _create_chunks_and_job(settings, job_id, fields, result)
-    launched = _launch_initial_replicas(settings, job_id, request.model_dump())
-    return {
+    launched, warning = _launch_initial_replicas(
+        settings, job_id, request.model_dump(), len(result.chunks)
+    )
+    response = {
         "status": JobStatus.QUEUED.value,
         "job_id": job_id,
         "chunks": len(result.chunks),
@@ -115,6 +117,9 @@ def submit(settings: Settings, request: SubmitBatchRequest) -> dict[str, Any]:
         "output_location": f"s3://{settings.bucket}/{jobs.output_prefix(settings, job_id)}",
         "message": f"job created with {len(result.chunks)} chunks; it waits for replicas",
     }
+    if warning:
+        response["replica_warning"] = warning
+    return response
 
 
 def _validate(bucket: str, key: str, size: int, chunk_size: int) -> validation.ValidationResult:
@@ -155,22 +160,36 @@ def _create_chunks_and_job(
 
 
 def _launch_initial_replicas(
-    settings: Settings, job_id: str, requested: dict[str, Any]
-) -> list[str]:
+    settings: Settings, job_id: str, requested: dict[str, Any], num_chunks: int
+) -> tuple[list[str], str | None]:
     """Starts the job's first replicas through the stage's provider.
 
-    With the ``external`` provider nothing starts: the user adds replicas with
-    ``POST /job/{id}/scale`` and runs them with the tokens it returns.
+    Returns their ids and a warning when fewer started than requested. A replica works on one
+    chunk at a time, so replicas beyond the number of chunks would be paid for and stay idle,
+    and at most ``num_chunks`` start. With the ``external`` provider nothing starts: the user
+    adds replicas with ``POST /job/{id}/scale`` and runs them with the tokens it returns.
     """
     provider = providers.default_name()
     if provider == "external":
-        return []
-    count = requested.get("replicas") or 1
+        return [], None
+    wanted = requested.get("replicas") or 1
+    count = min(wanted, num_chunks) if num_chunks > 0 else wanted
+    warning = None
+    if count < wanted:
+        warning = (
+            f"{count} of the {wanted} requested replicas started, because the job has "
+            f"{num_chunks} chunk{'s' if num_chunks != 1 else ''} and a replica works on one "
+            "chunk at a time; use a smaller chunk_size to spread the work over more replicas"
+        )
+        logger.warning(
+            "fewer replicas started than requested",
+            extra={"job_id": job_id, "requested": wanted, "started": count, "chunks": num_chunks},
+        )
     config = {key: requested.get(key) for key in ("gpu_type", "tp_size", "pp_size")}
     registered = replicas.register_replicas(
         settings, job_id, count, provider=provider, config=config
     )
-    return [entry["replica_id"] for entry in registered["replicas"]]
+    return [entry["replica_id"] for entry in registered["replicas"]], warning
 
 
 def validate_in_background(settings: Settings, job_id: str) -> None:
@@ -204,7 +223,7 @@ def validate_in_background(settings: Settings, job_id: str) -> None:
     jobs.transition_job(
         settings, job_id, JobStatus.QUEUED, extra_set={**_counter_fields(result), **planned}
     )
-    _launch_initial_replicas(settings, job_id, requested)
+    _launch_initial_replicas(settings, job_id, requested, len(result.chunks))
 
 
 @background.task("validate")

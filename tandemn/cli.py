@@ -28,6 +28,7 @@ from tandemn.cli_common import (
     _fail,
     _print_json,
     _print_json_line,
+    cli_words,
     console,
     errors,
     key_value_table,
@@ -232,12 +233,13 @@ def deploy(
             f"job [bold]{submitted['job_id']}[/bold] {submitted['status']}: "
             f"{submitted.get('chunks', 0)} chunks, replicas {', '.join(submitted.get('replicas') or []) or 'none yet'}"
         )
-        if submitted.get("placement_warning"):
-            errors.print(
-                f"[yellow]warning:[/yellow] {submitted['placement_warning']}",
-                highlight=False,
-                soft_wrap=True,
-            )
+        for key in ("placement_warning", "replica_warning"):
+            if submitted.get(key):
+                errors.print(
+                    f"[yellow]warning:[/yellow] {cli_words(submitted[key])}",
+                    highlight=False,
+                    soft_wrap=True,
+                )
     if wait:
         final = _follow_command(client, submitted["job_id"], as_json=as_json)
         raise typer.Exit(0 if final["status"] == "succeeded" else 1)

@@ -102,6 +102,7 @@ CLI_WORDS = (
     ("change gpu_type, tp_size, pp_size or num_replicas", "change --gpu-type, --tp, --pp or --replicas"),
     ("add replicas with scale", "add replicas with `tandemn add`"),
     ("listed in 'errors'", "listed below"),
+    ("use a smaller chunk_size", "use a smaller --chunk-size"),
 )
 
 

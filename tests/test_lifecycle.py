@@ -223,6 +223,15 @@ def test_kill_returns_chunks_and_terminates(lifecycle_stack):
     assert stack.replica(job_id, second)["phase"] == "killed"
 
 
+def test_submit_starts_no_more_replicas_than_chunks(lifecycle_stack):
+    stack = lifecycle_stack
+    job = submit(stack, 4, 2, replicas=5)
+    # Two chunks keep at most two replicas busy, so the other three would idle at full price.
+    assert len(job["replicas"]) == 2
+    assert job["replica_warning"].startswith("2 of the 5 requested replicas started")
+    assert "use a smaller chunk_size" in job["replica_warning"]
+
+
 def test_finished_job_tears_down_its_replicas(lifecycle_stack):
     stack = lifecycle_stack
     job = submit(stack, 4, 2)

@@ -164,9 +164,9 @@ def _launch_initial_replicas(
 ) -> tuple[list[str], str | None]:
     """Starts the job's first replicas through the stage's provider.
 
-    Returns their ids and a warning when fewer started than requested. A replica works on one
-    chunk at a time, so replicas beyond the number of chunks would be paid for and stay idle,
-    and at most ``num_chunks`` start. With the ``external`` provider nothing starts: the user
+    Returns their ids and a warning when fewer started than requested. Each replica needs a
+    chunk of its own to work on, so replicas beyond the number of chunks would be paid for and
+    stay idle, and at most ``num_chunks`` start. With the ``external`` provider nothing starts: the user
     adds replicas with ``POST /job/{id}/scale`` and runs them with the tokens it returns.
     """
     provider = providers.default_name()
@@ -178,8 +178,8 @@ def _launch_initial_replicas(
     if count < wanted:
         warning = (
             f"{count} of the {wanted} requested replicas started, because the job has "
-            f"{num_chunks} chunk{'s' if num_chunks != 1 else ''} and a replica works on one "
-            "chunk at a time; use a smaller chunk_size to spread the work over more replicas"
+            f"{num_chunks} chunk{'s' if num_chunks != 1 else ''} and each replica needs a chunk "
+            "of its own; use a smaller chunk_size to spread the work over more replicas"
         )
         logger.warning(
             "fewer replicas started than requested",

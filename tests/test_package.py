@@ -129,3 +129,19 @@ def test_table_names_reach_functions_by_ref():
         if resource.get("Type") == "AWS::DynamoDB::Table"
     }
     assert tables - referenced == set()
+
+
+def test_uploaded_inputs_outlive_the_longest_deadline():
+    from chalicelib.models import SubmitBatchRequest
+
+    bucket = merge_template()["Resources"]["DataBucket"]["Properties"]
+    rules = {rule["Id"]: rule for rule in bucket["LifecycleConfiguration"]["Rules"]}
+    expiry = rules["ExpireUploadedInputs"]
+    assert expiry["Prefix"] == "inputs/"
+    # An input must not expire while its job may still run: a job's deadline is at most 720 h.
+    limits = SubmitBatchRequest.model_fields["slo_deadline_hours"].metadata
+    longest_deadline = next(limit.le for limit in limits if hasattr(limit, "le"))
+    assert expiry["ExpirationInDays"] * 24 > longest_deadline
+    assert rules["AbortIncompleteMultipartUploads"]["AbortIncompleteMultipartUpload"] == {
+        "DaysAfterInitiation": 7
+    }

@@ -138,7 +138,7 @@ def test_uploaded_inputs_outlive_the_longest_deadline():
     rules = {rule["Id"]: rule for rule in bucket["LifecycleConfiguration"]["Rules"]}
     expiry = rules["ExpireUploadedInputs"]
     assert expiry["Prefix"] == "inputs/"
-    # An input must not expire while its job may still run: a job's deadline is at most 720 h.
+    # An input must outlive its job, whose deadline is at most 720 h.
     limits = SubmitBatchRequest.model_fields["slo_deadline_hours"].metadata
     longest_deadline = next(limit.le for limit in limits if hasattr(limit, "le"))
     assert expiry["ExpirationInDays"] * 24 > longest_deadline

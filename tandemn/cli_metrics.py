@@ -425,8 +425,18 @@ def timeseries(
         _print_json(body)
         return
     rows = body["timeseries"] if replica else body["aggregated"]
+    # One source for the whole column: the engines' counter where any row has it, else the
+    # sidecars' count. The two count differently, so mixing them would make the total jump.
+    tokens_key = (
+        "generation_tokens_total"
+        if any(row.get("generation_tokens_total") is not None for row in rows)
+        else "live_gen_tokens_total"
+    )
+    tokens_header = "tokens out (engine)" if tokens_key == "generation_tokens_total" else (
+        "tokens out (sidecar)"
+    )
     headers = ["time", "out tok/s", "prompt tok/s", "running", "waiting", "KV cache"]
-    headers += ["TTFT p50 ms", "TPOT p50 ms", "tokens out"]
+    headers += ["TTFT p50 ms", "TPOT p50 ms", tokens_header]
     listing = [
         [
             time.strftime("%H:%M:%S", time.localtime(row["timestamp"]))
@@ -439,7 +449,7 @@ def timeseries(
             _format(row.get("gpu_cache_usage_perc")),
             _format(row.get("ttft_ms_p50")),
             _format(row.get("tpot_ms_p50")),
-            _format(row.get("generation_tokens_total") or row.get("live_gen_tokens_total")),
+            _format(row.get(tokens_key)),
         ]
         for row in rows
     ]

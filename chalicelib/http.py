@@ -44,7 +44,9 @@ RETRY_AFTER_SECONDS = 1
 
 
 def _describe(value: Any) -> str:
-    text = json.dumps(value, default=str)
+    # Non-ASCII text is shown as the user wrote it ("😀", not "\ud83d\ude00"), and control
+    # characters stay escaped.
+    text = json.dumps(value, default=str, ensure_ascii=False)
     return text if len(text) <= 80 else text[:77] + "..."
 
 

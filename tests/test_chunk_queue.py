@@ -261,6 +261,9 @@ def test_kill_invalid_replica_id_is_400(client, aws_account, job):
     assert 'replica_ids.0: value "../x" is not a valid id' in message
     assert "lowercase letters, digits and hyphens" in message
 
+    emoji = support.post(client, f"/job/{job_id}/kill", {"replica_ids": ["😀"]})
+    assert 'value "😀" is not a valid id' in emoji.json_body["message"]
+
 
 def test_kill_retries_after_concurrent_phase_change(client, aws_account, job, monkeypatch):
     job_id, [(first, _), _] = job

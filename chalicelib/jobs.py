@@ -263,13 +263,10 @@ def job_warnings(view: dict[str, Any]) -> list[str]:
         warnings.append(
             f"its deadline passed {schedule['overdue_sec'] / 3600:.2f} h ago and it is still running"
         )
-    elif schedule.get("at_risk"):
-        finish = schedule.get("projected_finish_at")
-        if finish is None:
-            warnings.append("its deadline has passed and no chunk has completed yet")
-        else:
-            behind = (finish - schedule["deadline_at"]) / 3600
-            warnings.append(f"at its current pace it finishes {behind:.2f} h after its deadline")
+    elif schedule.get("at_risk") and schedule.get("projected_finish_at") is not None:
+        # Before its deadline a job is at risk only through a projection, so one exists here.
+        behind = (schedule["projected_finish_at"] - schedule["deadline_at"]) / 3600
+        warnings.append(f"at its current pace it finishes {behind:.2f} h after its deadline")
     return warnings
 
 

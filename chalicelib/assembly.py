@@ -140,7 +140,9 @@ class _Counts:
         self.generation_tokens = 0
 
     def add_usage(self, record: dict[str, Any]) -> None:
-        body = (record.get("response") or {}).get("body")
+        # A replica's record is untrusted JSON, so every level is checked before it is read.
+        response = record.get("response")
+        body = response.get("body") if isinstance(response, dict) else None
         usage = body.get("usage") if isinstance(body, dict) else None
         if not isinstance(usage, dict):
             return

@@ -404,6 +404,25 @@ def test_run_report_counts_delivered_tokens(job_and_replica, aws_account):
     assert run["engine_tokens"]["generation"] == 4000
 
 
+def test_assembly_usage_skips_malformed_records():
+    from chalicelib.assembly import _Counts
+
+    counts = _Counts()
+    odd_records = [
+        {"response": "not an object"},
+        {"response": {"body": [1, 2]}},
+        {"response": {"body": {"usage": "many"}}},
+        {"response": {"body": {"usage": {"prompt_tokens": -5, "completion_tokens": True}}}},
+        {"response": {"body": {"usage": {"prompt_tokens": 1.5, "completion_tokens": "7"}}}},
+        {},
+    ]
+    for record in odd_records:
+        counts.add_usage(record)
+    counts.add_usage({"response": {"body": {"usage": {"prompt_tokens": 3, "completion_tokens": 4}}}})
+    assert counts.prompt_tokens == 3
+    assert counts.generation_tokens == 4
+
+
 def test_run_timeseries_per_replica_and_aggregated(job_and_replica, aws_account):
     job_id, feed = job_and_replica
     client = feed.client

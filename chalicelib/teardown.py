@@ -68,7 +68,12 @@ def assemble_step(settings: Settings, event: dict[str, Any]) -> dict[str, Any]:
     if job["status"] == JobStatus.ASSEMBLING.value:
         raise AssemblyInProgress(f"job {job_id} is being assembled by another assembler")
     if job["status"] == JobStatus.CANCELLED.value:
-        assembly.assemble_cancelled(settings, job_id)
+        try:
+            assembly.assemble_cancelled(settings, job_id)
+        except Exception:
+            # The instances must still be terminated, so a failed partial output only logs; the
+            # completed chunks' records stay at their per-attempt keys.
+            logger.exception("cancelled job's partial output failed", extra={"job_id": job_id})
     return {"status": job["status"]}
 
 

@@ -98,6 +98,22 @@ def test_cancel_stops_work_and_keeps_outputs(client, aws_account):
     assert run["requests"] == {"total": 6, "succeeded": 2, "failed": 0, "cancelled": 4}
 
 
+def test_failed_partial_output_still_ends_teardown(client, aws_account, monkeypatch):
+    from chalicelib import assembly
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("S3 unavailable")
+
+    monkeypatch.setattr(assembly, "assemble_cancelled", broken)
+    job_id = _submit(client, aws_account, 6, 2)
+    assert _cancel(client, job_id).status_code == 200
+    # The teardown went on to write the run report, and the output is simply not there.
+    run = support.get(client, f"/analytics/runs/{job_id}")
+    assert run.status_code == 200
+    assert run.json_body["run"]["status"] == "cancelled"
+    assert support.get(client, f"/job/{job_id}/output").status_code == 409
+
+
 def test_cancelled_job_hands_out_no_work(client, aws_account):
     settings = aws_account
     job_id = _submit(client, aws_account, 6, 2)

@@ -71,7 +71,7 @@ def assemble_step(settings: Settings, event: dict[str, Any]) -> dict[str, Any]:
         try:
             assembly.assemble_cancelled(settings, job_id)
         except Exception:
-            # The instances must still be terminated, so a failed partial output only logs; the
+            # The instances must still be terminated, so a failed partial output is only logged. The
             # completed chunks' records stay at their per-attempt keys.
             logger.exception("cancelled job's partial output failed", extra={"job_id": job_id})
     return {"status": job["status"]}

@@ -855,6 +855,7 @@ def test_cli_plan_prints_table_and_json(client, aws_account, monkeypatch):
     assert local.exit_code == 0, local.output
     assert len(uploaded) == 1
 
-    unknown = runner.invoke(cli.app, ["plan", "org/Tiny-1B", uri])
+    unknown = runner.invoke(cli.app, ["plan", "org/Tiny-1B", uri], env={"COLUMNS": "400"})
     assert unknown.exit_code == 1
-    assert "model_architecture" in unknown.output
+    # The CLI names its own option where the API names the field.
+    assert "pass its config.json with --model-architecture" in unknown.output

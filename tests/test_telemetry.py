@@ -317,18 +317,15 @@ def test_gpu_monitor_without_driver_is_off():
     assert monitor.read() == {}
 
 
-def test_runner_sends_summary_before_replica_complete(s3, servers):  # noqa: F811
-    lines = [request_line(f"req-{i}", max_tokens=4) for i in range(6)]
-    leases = upload_leases(s3, "telemetry.jsonl", lines, chunk_size=3)
-    control = servers(new_control(leases))
-    engine_server = servers(FakeEngine(slots=4))
+def run_with_telemetry(control_url: str, engine_url: str, interval: float) -> int:
+    """Runs a replica's sidecar with telemetry until the job ends; returns its exit code."""
 
     async def main():
         control_client = ControlPlaneClient(
-            control.url, JOB_ID, REPLICA_ID, TOKEN, retry=FAST_RETRY
+            control_url, JOB_ID, REPLICA_ID, TOKEN, retry=FAST_RETRY
         )
-        engine = EngineClient(engine_server.url, retry=FAST_ENGINE_RETRY)
-        telemetry = Telemetry(control_client, engine, interval=0.05, gpu=NoGpu())
+        engine = EngineClient(engine_url, retry=FAST_ENGINE_RETRY)
+        telemetry = Telemetry(control_client, engine, interval=interval, gpu=NoGpu())
         runner = Runner(
             control_client,
             engine,
@@ -343,7 +340,16 @@ def test_runner_sends_summary_before_replica_complete(s3, servers):  # noqa: F81
             await control_client.aclose()
             await engine.aclose()
 
-    assert asyncio.run(main()) == 0
+    return asyncio.run(main())
+
+
+def test_runner_sends_summary_before_replica_complete(s3, servers):  # noqa: F811
+    lines = [request_line(f"req-{i}", max_tokens=4) for i in range(6)]
+    leases = upload_leases(s3, "telemetry.jsonl", lines, chunk_size=3)
+    control = servers(new_control(leases))
+    engine_server = servers(FakeEngine(slots=4))
+
+    assert run_with_telemetry(control.url, engine_server.url, interval=0.05) == 0
     routes = [route for route, _ in control.calls]
     assert "metrics/ingest" in routes
     assert routes.index("metrics/summary") < len(routes) - 1
@@ -365,28 +371,8 @@ def test_runner_sends_metrics_before_each_completion(s3, servers):  # noqa: F811
     control = servers(new_control(leases))
     engine_server = servers(FakeEngine(slots=4))
 
-    async def main():
-        control_client = ControlPlaneClient(
-            control.url, JOB_ID, REPLICA_ID, TOKEN, retry=FAST_RETRY
-        )
-        engine = EngineClient(engine_server.url, retry=FAST_ENGINE_RETRY)
-        # An hour between periodic snapshots: only the start, the completions and the close send.
-        telemetry = Telemetry(control_client, engine, interval=3600, gpu=NoGpu())
-        runner = Runner(
-            control_client,
-            engine,
-            ChunkStorage(retry=FAST_RETRY),
-            poll_interval=0.05,
-            health_poll_interval=0.05,
-            telemetry=telemetry,
-        )
-        try:
-            return await asyncio.wait_for(runner.run(), 20)
-        finally:
-            await control_client.aclose()
-            await engine.aclose()
-
-    assert asyncio.run(main()) == 0
+    # An hour between periodic snapshots: only the start, the completions and the close send.
+    assert run_with_telemetry(control.url, engine_server.url, interval=3600) == 0
     routes = [route for route, _ in control.calls]
     completions = [i for i, route in enumerate(routes) if route == "chunks/complete"]
     assert len(completions) == 2

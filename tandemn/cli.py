@@ -23,6 +23,12 @@ from rich.progress import (
 from tandemn import cli_metrics, cli_replicas, cli_web
 from tandemn.api_client import LOCAL_STATE_DIR, ApiClient, ApiError, local_state_dir
 from tandemn.cli_common import (
+    TERMINAL_STATUSES,
+    ApiUrl,
+    GpuType,
+    JsonFlag,
+    PpSize,
+    TpSize,
     _call,
     _client,
     _fail,
@@ -46,7 +52,6 @@ local_app = typer.Typer(
 app.add_typer(local_app, name="local")
 
 
-TERMINAL_STATUSES = {"succeeded", "completed_with_errors", "failed", "cancelled"}
 PID_FILE = LOCAL_STATE_DIR / "stack.pid"
 # The running local stack's addresses, for `tandemn deploy --local` and the default API URL.
 STACK_FILE = PID_FILE.with_name("stack.json")
@@ -60,25 +65,6 @@ def _stack_file() -> Path:
     return _pid_file().with_name(STACK_FILE.name)
 
 
-ApiUrl = typer.Option(
-    None,
-    "--api-url",
-    help="Control-plane URL (default: $TANDEMN_API_URL, else the running `tandemn local up` "
-    "stack, else http://127.0.0.1:26336).",
-)
-JsonFlag = typer.Option(False, "--json", help="Print the API's JSON instead of a table.")
-
-# Placement options shared by `deploy` and `plan`. The API checks their values and names the
-# allowed ones in its error.
-GpuType = typer.Option(
-    None, "--gpu-type", help="GPU type to run on, e.g. L4, L40S, A100, H100, H200, B200."
-)
-TpSize = typer.Option(
-    None, "--tp", help="Tensor parallel size: GPUs that share each model layer (1, 2, 4 or 8)."
-)
-PpSize = typer.Option(
-    None, "--pp", help="Pipeline parallel size: GPUs the layers are split across (1 to 4)."
-)
 Solver = typer.Option(
     None,
     "--placement-solver",

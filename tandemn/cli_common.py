@@ -17,6 +17,27 @@ from tandemn.api_client import ApiClient, ApiError, default_api_url
 console = Console()
 errors = Console(stderr=True)
 
+TERMINAL_STATUSES = {"succeeded", "completed_with_errors", "failed", "cancelled"}
+
+# Options that several commands take.
+ApiUrl = typer.Option(
+    None,
+    "--api-url",
+    help="Control-plane URL (default: $TANDEMN_API_URL, else the running `tandemn local up` "
+    "stack, else http://127.0.0.1:26336).",
+)
+JsonFlag = typer.Option(False, "--json", help="Print the API's JSON instead of a table.")
+# The API checks the placement options' values and names the allowed ones in its error.
+GpuType = typer.Option(
+    None, "--gpu-type", help="GPU type to run on, e.g. L4, L40S, A100, H100, H200, B200."
+)
+TpSize = typer.Option(
+    None, "--tp", help="Tensor parallel size: GPUs that share each model layer (1, 2, 4 or 8)."
+)
+PpSize = typer.Option(
+    None, "--pp", help="Pipeline parallel size: GPUs the layers are split across (1 to 4)."
+)
+
 
 def valid_id(value: str | list[str] | None) -> str | list[str] | None:
     """Rejects a job, run or replica id that the API could not have issued, before it is put in

@@ -14,6 +14,9 @@ from rich.table import Table
 
 from tandemn.api_client import ApiClient, ApiError
 from tandemn.cli_common import (  # noqa: F401
+    TERMINAL_STATUSES,
+    ApiUrl,
+    JsonFlag,
     _call,
     _client,
     _fail,
@@ -26,16 +29,6 @@ from tandemn.cli_common import (  # noqa: F401
     print_listing,
     valid_id,
 )
-
-TERMINAL_STATUSES = {"succeeded", "completed_with_errors", "failed", "cancelled"}
-
-ApiUrl = typer.Option(
-    None,
-    "--api-url",
-    help="Control-plane URL (default: $TANDEMN_API_URL, else the running `tandemn local up` "
-    "stack, else http://127.0.0.1:26336).",
-)
-JsonFlag = typer.Option(False, "--json", help="Print the API's JSON instead of a table.")
 
 # (label, snapshot fields, unit) of the rows the tables show.
 SNAPSHOT_ROWS: list[tuple[str, tuple[str, ...], str]] = [

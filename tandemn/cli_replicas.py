@@ -8,18 +8,19 @@ from typing import Any
 import typer
 
 from tandemn.api_client import ApiClient, ApiError, default_api_url
-from tandemn.cli_common import _call, _print_json, console, print_listing, valid_id
-
-ApiUrl = typer.Option(
-    None,
-    "--api-url",
-    help="Control-plane URL (default: $TANDEMN_API_URL, else the running `tandemn local up` "
-    "stack, else http://127.0.0.1:26336).",
+from tandemn.cli_common import (
+    ApiUrl,
+    GpuType,
+    JsonFlag,
+    PpSize,
+    TpSize,
+    _call,
+    _print_json,
+    console,
+    print_listing,
+    valid_id,
 )
-JsonFlag = typer.Option(False, "--json", help="Print the API's JSON instead of a summary.")
-GpuType = typer.Option(None, "--gpu-type", help="GPU type, e.g. L4, L40S, A100, H100.")
-TpSize = typer.Option(None, "--tp", help="Tensor parallel size (1, 2, 4 or 8).")
-PpSize = typer.Option(None, "--pp", help="Pipeline parallel size (1 to 4).")
+
 OnDemand = typer.Option(
     None,
     "--on-demand/--spot",

@@ -5,15 +5,32 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
+
+from tandemn.engine_paths import LLAMA_SERVER
 from tandemn.stack_process import PROJECT_DIR, StackProcess, free_port_pair
 
 __all__ = [
     "PROJECT_DIR",
     "StackProcess",
     "free_port_pair",
+    "llama_stack",
     "processes_with_argument",
     "wait_for_job",
 ]
+
+
+def llama_stack(log_path: Path, *arguments: str) -> StackProcess:
+    """Starts a local stack with the real llama-server, 2 slots a replica and a 1 s watchdog.
+
+    Fails the test, instead of skipping it, when the engine has not been built.
+    """
+    if not LLAMA_SERVER.exists():
+        pytest.fail("llama-server is not built; run `make engine` (make test builds it)")
+    return StackProcess(
+        "--engine", "llama", "--slots", "2", "--watchdog-seconds", "1", *arguments,
+        log_path=log_path,
+    )
 
 
 def processes_with_argument(fragment: str) -> list[int]:

@@ -12,7 +12,7 @@ import pytest
 
 from tandemn.api_client import ApiClient
 from tests import support
-from tests.localstack_support import PROJECT_DIR, StackProcess
+from tests.localstack_support import PROJECT_DIR, StackProcess, llama_stack
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = PROJECT_DIR / "out" / "test-artifacts"
@@ -109,20 +109,10 @@ def wait_for(page, predicate, timeout: float, expected: str) -> dict:
 
 @pytest.mark.slow
 def test_page_updates_live_while_a_llama_job_runs(browser_page, tmp_path, monkeypatch):
-    if not (PROJECT_DIR / ".cache" / "llama.cpp" / "bin" / "llama-server").exists():
-        pytest.fail("llama-server is not built; run `make engine` (make test builds it)")
     page, errors = browser_page
     # The local provider passes its environment to each sidecar: snapshots every 2 s.
     monkeypatch.setenv("TANDEMN_METRICS_INTERVAL", "2")
-    stack = StackProcess(
-        "--engine",
-        "llama",
-        "--slots",
-        "2",
-        "--watchdog-seconds",
-        "1",
-        log_path=PROJECT_DIR / "test-artifacts" / "dashboard-llama-stack.log",
-    )
+    stack = llama_stack(PROJECT_DIR / "test-artifacts" / "dashboard-llama-stack.log")
     try:
         stack.wait_ready()
         job_id = submit(stack, tmp_path, 24, 64, replicas=2, chunk_size=2)

@@ -25,7 +25,7 @@ from tests.fault_support import (
     start_pausing_replica,
     start_replica,
 )
-from tests.localstack_support import PROJECT_DIR, StackProcess, processes_with_argument
+from tests.localstack_support import PROJECT_DIR, llama_stack, processes_with_argument
 
 
 def ids_for(prefix: str, count: int) -> list[str]:
@@ -105,21 +105,11 @@ def test_sigkill_at_random_moments(cluster, seed):
 
 @pytest.mark.slow
 def test_real_engine_sigkill_at_random_moment(tmp_path):
-    if not (PROJECT_DIR / ".cache" / "llama.cpp" / "bin" / "llama-server").exists():
-        pytest.fail("llama-server is not built; run `make engine` (make test builds it)")
     from tandemn.api_client import ApiClient
 
     rng = random.Random(7)
-    stack = StackProcess(
-        "--engine",
-        "llama",
-        "--slots",
-        "2",
-        "--watchdog-seconds",
-        "1",
-        "--lease-seconds",
-        "10",
-        log_path=PROJECT_DIR / "test-artifacts" / "faults" / "llama-kill-stack.log",
+    stack = llama_stack(
+        PROJECT_DIR / "test-artifacts" / "faults" / "llama-kill-stack.log", "--lease-seconds", "10"
     )
     try:
         stack.wait_ready()

@@ -15,6 +15,7 @@ from tests import support
 from tests.localstack_support import (
     PROJECT_DIR,
     StackProcess,
+    llama_stack,
     processes_with_argument,
     wait_for_job,
 )
@@ -99,19 +100,7 @@ def test_stack_stops_every_replica_process(tmp_path):
 
 @pytest.mark.slow
 def test_real_engine_survives_sigkill_of_a_replica(tmp_path):
-    if not (PROJECT_DIR / ".cache" / "llama.cpp" / "bin" / "llama-server").exists():
-        pytest.fail("llama-server is not built; run `make engine` (make test builds it)")
-    stack = StackProcess(
-        "--engine",
-        "llama",
-        "--slots",
-        "2",
-        "--watchdog-seconds",
-        "1",
-        "--lease-seconds",
-        "15",
-        log_path=ARTIFACTS / "llama-stack.log",
-    )
+    stack = llama_stack(ARTIFACTS / "llama-stack.log", "--lease-seconds", "15")
     try:
         stack.wait_ready()
         client = ApiClient(stack.url)

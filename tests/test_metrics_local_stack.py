@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from tandemn.api_client import ApiClient, ApiError
 from tandemn.cli import app
 from tests import support
-from tests.localstack_support import PROJECT_DIR, StackProcess, wait_for_job
+from tests.localstack_support import PROJECT_DIR, llama_stack, wait_for_job
 
 ARTIFACTS = PROJECT_DIR / "test-artifacts"
 RATE_FIELDS = ("avg_generation_throughput_toks_per_s", "ttft_ms_p50", "tpot_ms_p50")
@@ -25,19 +25,9 @@ def cli_json(*arguments: str) -> dict:
 
 @pytest.mark.slow
 def test_cli_metrics_during_llama_job(tmp_path, monkeypatch):
-    if not (PROJECT_DIR / ".cache" / "llama.cpp" / "bin" / "llama-server").exists():
-        pytest.fail("llama-server is not built; run `make engine` (make test builds it)")
     # The local provider passes its environment to each sidecar: snapshots every 2 s.
     monkeypatch.setenv("TANDEMN_METRICS_INTERVAL", "2")
-    stack = StackProcess(
-        "--engine",
-        "llama",
-        "--slots",
-        "2",
-        "--watchdog-seconds",
-        "1",
-        log_path=ARTIFACTS / "metrics-stack.log",
-    )
+    stack = llama_stack(ARTIFACTS / "metrics-stack.log")
     try:
         stack.wait_ready()
         client = ApiClient(stack.url)

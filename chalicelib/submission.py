@@ -172,18 +172,23 @@ def _launch_initial_replicas(
     provider = providers.default_name()
     if provider == "external":
         return [], None
-    wanted = requested.get("replicas") or 1
-    count = min(wanted, num_chunks) if num_chunks > 0 else wanted
+    requested_count = requested.get("replicas") or 1
+    count = min(requested_count, num_chunks) if num_chunks > 0 else requested_count
     warning = None
-    if count < wanted:
+    if count < requested_count:
         warning = (
-            f"{count} of the {wanted} requested replicas started, because the job has "
+            f"{count} of the {requested_count} requested replicas started, because the job has "
             f"{num_chunks} chunk{'s' if num_chunks != 1 else ''} and each replica needs a chunk "
             "of its own; use a smaller chunk_size to spread the work over more replicas"
         )
         logger.warning(
             "fewer replicas started than requested",
-            extra={"job_id": job_id, "requested": wanted, "started": count, "chunks": num_chunks},
+            extra={
+                "job_id": job_id,
+                "requested": requested_count,
+                "started": count,
+                "chunks": num_chunks,
+            },
         )
     config = {key: requested.get(key) for key in ("gpu_type", "tp_size", "pp_size")}
     registered = replicas.register_replicas(
